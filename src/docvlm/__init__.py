@@ -1,0 +1,3 @@
+"""docvlm: fine-tuning recipes that teach vision-language models to answer questions about documents."""
+
+__version__ = "0.1.0"

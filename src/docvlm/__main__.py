@@ -1,0 +1,5 @@
+import sys
+
+from docvlm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,38 @@
+"""The `docvlm` command: one entry point for the package's jobs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+USAGE = """docvlm <command> [args]
+
+commands:
+  train     fine-tune from a recipe (same as python -m docvlm.train); `docvlm train --help` lists every field
+  fixtures  build the offline tiny model and synthetic documents now, and print where they are
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        from docvlm.train import main as train_main
+
+        return train_main(rest)
+    if command == "fixtures":
+        argparse.ArgumentParser(prog="docvlm fixtures", description="Build the offline fixtures.").parse_args(rest)
+        from docvlm import tiny
+
+        for name in (tiny.TINY_MODEL, tiny.TINY_DATASET):
+            print(f"{name}: {tiny.resolve(name)}")
+        return 0
+    print(f"docvlm: unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""Recipe schema and parsing.
+
+A recipe is one YAML file read by TRL's `TrlParser` into three dataclasses: `DataArguments` (what to train on),
+`ModelArguments` (what to load and adapt) and `TrainConfig` (how to train). Any field can be overridden on the
+command line with `--field value`. We only add what TRL lacks: document-QA data fields, a few loading knobs,
+an automatic precision switch, and errors that name the recipe file and the key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad recipe, missing column, unreachable Hub...). Printed without a traceback."""
+
+
+@dataclass
+class DataArguments(ScriptArguments):
+    """Where the documents come from and how a row maps onto (image, question, answers)."""
+
+    # `dataset_name` (TRL) is a Hub id, a local path (parquet / jsonl / csv file or folder, a folder saved with
+    # `save_to_disk`, an image folder with metadata.jsonl) or the offline fixture `docvlm:tiny-docs`.
+    image_column: str = field(default="image", metadata={"help": "Column holding the page image."})
+    question_column: str = field(
+        default="query.en", metadata={"help": "Column holding the question; dots reach into dicts (query.en)."}
+    )
+    answers_column: str = field(
+        default="answers", metadata={"help": "Column holding the answer: a string or a list of accepted answers."}
+    )
+    answer_choice: Literal["first", "random"] = field(
+        default="random",
+        metadata={"help": "With several gold answers, train on the first one or a random one each time."},
+    )
+    instruction: str = field(
+        default="Answer briefly.", metadata={"help": "Text placed before the image in every user turn."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only the first N evaluation rows."})
+
+
+@dataclass
+class ModelArguments(ModelConfig):
+    """The base model, its processor, 4-bit quantization and the LoRA adapter."""
+
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "Weights dtype for the non-quantized modules; 'auto' follows the training precision."},
+    )
+    do_image_splitting: bool = field(
+        default=False, metadata={"help": "Idefics2: also encode 4 crops of each page (5x the image tokens)."}
+    )
+    image_longest_edge: int | None = field(
+        default=None, metadata={"help": "Resize pages so their longest edge is at most this (None: processor's)."}
+    )
+    image_shortest_edge: int | None = field(
+        default=None, metadata={"help": "Resize pages so their shortest edge is at least this (None: processor's)."}
+    )
+    bnb_4bit_compute_dtype: str = field(
+        default="auto", metadata={"help": "Matmul dtype of the 4-bit layers; 'auto' follows the training precision."}
+    )
+    bnb_4bit_skip_modules: list[str] | None = field(
+        default=None, metadata={"help": "Module names to keep out of 4-bit quantization (e.g. lm_head)."}
+    )
+    lora_target_regex: str | None = field(
+        default=None,
+        metadata={"help": "A regex over full module names to adapt; replaces lora_target_modules when set."},
+    )
+    lora_init: str = field(
+        default="gaussian", metadata={"help": "LoRA init: gaussian, true (Kaiming-uniform A), pissa, olora..."}
+    )
+
+
+@dataclass
+class TrainConfig(SFTConfig):
+    """TRL's SFTConfig, with defaults suited to document QA and one switch for mixed precision."""
+
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = field(
+        default="auto",
+        metadata={
+            "help": "auto: bf16 on GPUs that have it, fp16 on older GPUs (T4, V100), fp32 on CPU. "
+            "Sets bf16/fp16 for you."
+        },
+    )
+    # Our collator reads the mapped question/answers columns, which TRL would otherwise drop.
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep False: the collator needs them."})
+
+    def __post_init__(self):
+        if self.precision != "auto" or not (self.bf16 or self.fp16):
+            self.bf16, self.fp16 = resolve_precision(self.precision, use_cpu=self.use_cpu)
+        super().__post_init__()
+
+
+def resolve_precision(precision: str, use_cpu: bool = False) -> tuple[bool, bool]:
+    """(bf16, fp16) for a precision setting. 'auto' prefers bf16, falls back to fp16 on CUDA, else fp32."""
+    import torch
+
+    if precision == "bf16":
+        return True, False
+    if precision == "fp16":
+        return False, True
+    if precision == "fp32" or use_cpu or not torch.cuda.is_available():
+        return False, False
+    return (True, False) if torch.cuda.is_bf16_supported() else (False, True)
+
+
+RECIPE_DATACLASSES = (DataArguments, ModelArguments, TrainConfig)
+USAGE = """python -m docvlm.train --config recipes/<recipe>.yaml [--<field> <value> ...]
+
+Fine-tune a vision-language model on document question answering. Every field below can be set in the recipe
+YAML; a flag on the command line overrides the YAML. Example:
+  accelerate launch -m docvlm.train --config recipes/docvqa_qlora.yaml --learning_rate 2e-4 --output_dir out"""
+
+
+def make_parser() -> TrlParser:
+    return TrlParser(RECIPE_DATACLASSES, usage=USAGE)
+
+
+def _known_fields() -> set[str]:
+    return {f.name for cls in RECIPE_DATACLASSES for f in fields(cls)}
+
+
+def load_recipe_yaml(path: str | Path) -> dict:
+    """Read a recipe and reject unknown keys, naming the file, the key and the closest known key."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Recipe {path} not found. The shipped recipes are in recipes/.")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"Recipe {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"Recipe {path} must be a mapping of field: value, got {type(data).__name__}.")
+    known = _known_fields() | {"env"}
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise UserError(
+                f"Unknown key '{key}' in recipe {path}.{hint} "
+                "Run `python -m docvlm.train --help` for the list of fields."
+            )
+    return data
+
+
+def parse_recipe(argv: list[str] | None = None) -> tuple[DataArguments, ModelArguments, TrainConfig]:
+    """Parse `--config recipe.yaml` plus CLI overrides into (data, model, training) arguments."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" in argv:
+        index = argv.index("--config")
+        if index + 1 >= len(argv):
+            raise UserError("--config needs a path to a recipe YAML, e.g. --config recipes/tiny_docvqa.yaml")
+        load_recipe_yaml(argv[index + 1])
+    try:
+        # TrainConfig.__post_init__ and HfArgumentParser (unknown flags, bad values) raise ValueError.
+        data_args, model_args, training_args = make_parser().parse_args_and_config(argv)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    if training_args.hub_token:
+        raise UserError(
+            "Do not pass hub_token in a recipe or on the command line: it would be saved with the run. "
+            "Set HF_TOKEN in the environment or run `hf auth login` instead."
+        )
+    return data_args, model_args, training_args

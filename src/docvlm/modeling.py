@@ -1,0 +1,130 @@
+"""Load the processor and the (4-bit) base model, describe the LoRA adapter, and keep trainable weights fp32."""
+
+from __future__ import annotations
+
+import torch
+
+from docvlm import tiny
+from docvlm.config import ModelArguments, TrainConfig, UserError
+from docvlm.hub import check_source
+
+_DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+}
+
+
+def model_path(args: ModelArguments) -> str:
+    """The model to load: a Hub id or a local path (fixtures resolved); checked before anything heavy loads."""
+    path = tiny.resolve(args.model_name_or_path)
+    if not path:
+        raise UserError("No model: set model_name_or_path in the recipe (a Hub id or a local path).")
+    check_source(path, "model", "model_name_or_path", revision=args.model_revision)
+    return path
+
+
+def training_dtype(training_args: TrainConfig) -> torch.dtype:
+    return torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
+
+
+def _dtype(name: str, training_args: TrainConfig) -> torch.dtype:
+    if name == "auto":
+        return training_dtype(training_args)
+    if name not in _DTYPES:
+        raise UserError(f"Unknown dtype '{name}'; use auto, bfloat16, float16 or float32.")
+    return _DTYPES[name]
+
+
+def load_processor(args: ModelArguments, path: str):
+    from transformers import AutoProcessor
+
+    kwargs = {"do_image_splitting": args.do_image_splitting}
+    processor = AutoProcessor.from_pretrained(path, revision=args.model_revision, **kwargs)
+    image_processor = processor.image_processor
+    if args.image_longest_edge or args.image_shortest_edge:
+        size = dict(image_processor.size)
+        size["longest_edge"] = args.image_longest_edge or size["longest_edge"]
+        size["shortest_edge"] = args.image_shortest_edge or size["shortest_edge"]
+        image_processor.size = size
+    if processor.tokenizer.pad_token is None:
+        processor.tokenizer.pad_token = processor.tokenizer.unk_token
+    return processor
+
+
+def quantization_config(args: ModelArguments, training_args: TrainConfig):
+    """BitsAndBytesConfig for NF4 (or 8-bit) loading, or None to load in full precision."""
+    from transformers import BitsAndBytesConfig
+
+    if not (args.load_in_4bit or args.load_in_8bit):
+        return None
+    storage = _dtype(args.bnb_4bit_quant_storage, training_args) if args.bnb_4bit_quant_storage else torch.uint8
+    return BitsAndBytesConfig(
+        load_in_4bit=args.load_in_4bit,
+        load_in_8bit=args.load_in_8bit,
+        bnb_4bit_quant_type=args.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=args.use_bnb_nested_quant,
+        bnb_4bit_compute_dtype=_dtype(args.bnb_4bit_compute_dtype, training_args),
+        bnb_4bit_quant_storage=storage,
+        llm_int8_skip_modules=args.bnb_4bit_skip_modules,
+    )
+
+
+def load_model(args: ModelArguments, training_args: TrainConfig, path: str):
+    from accelerate import PartialState
+    from transformers import AutoModelForImageTextToText
+
+    quant = quantization_config(args, training_args)
+    kwargs = {
+        "revision": args.model_revision,
+        "dtype": _dtype(args.dtype, training_args),
+        "quantization_config": quant,
+        "attn_implementation": args.attn_implementation,
+        "trust_remote_code": training_args.trust_remote_code,
+        "use_safetensors": True,
+    }
+    if quant is not None and torch.cuda.is_available():
+        # bitsandbytes needs the weights placed at load time; each process takes its own GPU.
+        kwargs["device_map"] = {"": PartialState().local_process_index}
+    model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    model.config.use_cache = False  # no KV cache while training; generation turns it back on
+    return model
+
+
+def lora_config(args: ModelArguments):
+    """The adapter, from the recipe's lora_* fields; None when use_peft is false (full fine-tuning)."""
+    from peft import LoraConfig
+
+    if not args.use_peft:
+        return None
+    init = {"true": True, "false": False}.get(str(args.lora_init).lower(), args.lora_init)
+    return LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=args.lora_target_regex or args.lora_target_modules,
+        modules_to_save=args.lora_modules_to_save,
+        init_lora_weights=init,
+        use_rslora=args.use_rslora,
+        use_dora=args.use_dora,
+        task_type=args.lora_task_type,
+    )
+
+
+def keep_trainable_fp32(model) -> int:
+    """Return trainable parameters to fp32 after SFTTrainer cast them to bf16; returns how many were cast.
+
+    TRL casts a quantized model's trainable parameters to bf16. That breaks fp16 training (the GradScaler refuses
+    half-precision gradients, trl#4901) and, under bf16, swallows updates smaller than bf16's resolution to
+    trainable norms and heads. fp32 master weights under autocast are what both precisions need; LoRA weights
+    are small, so the memory cost is a few tens of MB on the 8B model.
+    """
+    cast = 0
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+            cast += 1
+    return cast

@@ -1,0 +1,287 @@
+"""Offline fixtures: a tiny Idefics2 and a synthetic document dataset, built locally.
+
+They let the embedded default recipe, the tests and CI run with no GPU and no Hub. Both are built once into
+a cache directory and then loaded *by path*, through exactly the code that loads `HuggingFaceM4/idefics2-8b`
+and `nielsr/docvqa_1200_examples`. A recipe names them with the `docvlm:` prefix (see `resolve`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+TINY_MODEL = "docvlm:tiny-idefics2"
+TINY_DATASET = "docvlm:tiny-docs"
+PREFIX = "docvlm:"
+
+# Bump when the fixture's recipe changes, so stale caches are rebuilt rather than reused.
+FIXTURE_VERSION = "1"
+
+# Idefics2's chat template, as shipped in the model's processor config.
+IDEFICS2_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{message['role'].capitalize()}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+IDEFICS2_SPECIAL_TOKENS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>"]
+
+# The tiny architecture. Small enough for a CPU, shaped like the real one: a patch vision tower, a perceiver
+# resampler and a Mistral decoder with the real 32003-token vocabulary.
+TINY_IMAGE_LONGEST_EDGE = 224
+TINY_IMAGE_SHORTEST_EDGE = 112
+TINY_IMAGE_SEQ_LEN = 16
+TINY_CONFIG = {
+    "text": dict(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=32003,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        max_position_embeddings=1024,
+        sliding_window=None,
+        pad_token_id=0,
+    ),
+    "vision": dict(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        patch_size=14,
+        image_size=TINY_IMAGE_LONGEST_EDGE,
+    ),
+    "perceiver": dict(
+        hidden_size=128,
+        resampler_n_latents=TINY_IMAGE_SEQ_LEN,
+        resampler_depth=1,
+        resampler_n_heads=4,
+        resampler_head_dim=32,
+        num_key_value_heads=2,
+    ),
+}
+
+
+def cache_root() -> Path:
+    """Where fixtures are built: $DOCVLM_CACHE, else ~/.cache/docvlm."""
+    return Path(os.environ.get("DOCVLM_CACHE", Path.home() / ".cache" / "docvlm")).expanduser()
+
+
+def resolve(name_or_path: str | None) -> str | None:
+    """Turn a `docvlm:` fixture name into a local path, building the fixture on first use.
+
+    Anything else (a Hub id or a local path) is returned unchanged.
+    """
+    if not name_or_path or not name_or_path.startswith(PREFIX):
+        return name_or_path
+    builders = {TINY_MODEL: build_tiny_model, TINY_DATASET: build_tiny_dataset}
+    if name_or_path not in builders:
+        raise ValueError(f"Unknown fixture {name_or_path!r}; the fixtures are {sorted(builders)}.")
+    target = cache_root() / f"{name_or_path[len(PREFIX) :]}-v{FIXTURE_VERSION}"
+    if not (target / "COMPLETE").exists():
+        _build_atomically(builders[name_or_path], target)
+    return str(target)
+
+
+def _build_atomically(builder, target: Path) -> None:
+    """Build into a temporary sibling and rename it into place, so an interrupted build is never reused."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        builder(tmp)
+        (tmp / "COMPLETE").write_text("ok\n")
+        if (target / "COMPLETE").exists():  # another process finished the same build first: keep theirs
+            shutil.rmtree(tmp)
+            return
+        if target.exists():  # a stale, incomplete build
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tokenizer, processor and model
+# --------------------------------------------------------------------------------------------------------------
+
+
+def mistral_tokenizer_file() -> Path:
+    """The Mistral v1 sentencepiece model (identical to Idefics2's) that ships inside `mistral-common`."""
+    import mistral_common
+
+    path = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; reinstall mistral-common (pip install -U mistral-common).")
+    return path
+
+
+def build_tokenizer():
+    """Idefics2's tokenizer: Mistral v1 + the three Idefics2 special tokens, padding with <unk>."""
+    from transformers import LlamaTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy(mistral_tokenizer_file(), Path(tmp) / "tokenizer.model")
+        # from_pretrained on a directory: the vocab_file= constructor silently builds a 3-token vocabulary, and
+        # without add_bos_token=True no <s> is added.
+        tokenizer = LlamaTokenizer.from_pretrained(tmp, add_bos_token=True)
+    tokenizer.add_special_tokens({"additional_special_tokens": IDEFICS2_SPECIAL_TOKENS})
+    tokenizer.pad_token = tokenizer.unk_token
+    ids = tokenizer.convert_tokens_to_ids(IDEFICS2_SPECIAL_TOKENS)
+    assert ids == [32000, 32001, 32002], f"unexpected Idefics2 special token ids {ids}"
+    return tokenizer
+
+
+def build_processor():
+    from transformers import Idefics2ImageProcessor, Idefics2Processor
+
+    image_processor = Idefics2ImageProcessor(
+        do_image_splitting=False,
+        size={"shortest_edge": TINY_IMAGE_SHORTEST_EDGE, "longest_edge": TINY_IMAGE_LONGEST_EDGE},
+    )
+    return Idefics2Processor(
+        image_processor=image_processor,
+        tokenizer=build_tokenizer(),
+        image_seq_len=TINY_IMAGE_SEQ_LEN,
+        chat_template=IDEFICS2_CHAT_TEMPLATE,
+    )
+
+
+def tiny_config():
+    from transformers import Idefics2Config
+
+    return Idefics2Config(
+        text_config={"model_type": "mistral", **TINY_CONFIG["text"]},
+        vision_config=TINY_CONFIG["vision"],
+        perceiver_config=TINY_CONFIG["perceiver"],
+        image_token_id=32001,
+        tie_word_embeddings=False,
+    )
+
+
+def build_tiny_model(out_dir: Path, seed: int = 0) -> None:
+    """Save a randomly initialised tiny Idefics2 (safetensors) and its processor, like a Hub snapshot."""
+    import torch
+    from transformers import GenerationConfig, Idefics2ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = Idefics2ForConditionalGeneration(tiny_config())
+    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=[2, 32002], pad_token_id=0)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    build_processor().save_pretrained(out_dir)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Synthetic documents in DocVQA's schema
+# --------------------------------------------------------------------------------------------------------------
+
+TINY_TRAIN_SIZE = 1000
+TINY_TEST_SIZE = 100
+
+_NAMES = [
+    "Alice Moreau",
+    "Bo Chen",
+    "Chloé Dubois",
+    "David Okafor",
+    "Emma Schmidt",
+    "Farid Haddad",
+    "Grace Kim",
+    "Hugo Müller",
+    "Ines García",
+    "Jonas Berg",
+    "Kiko Tanaka",
+    "Lena Novak",
+]
+_DOC_TYPES = {
+    "invoice": ("INVOICE", "Invoice No", "Total due"),
+    "receipt": ("RECEIPT", "Receipt No", "Total"),
+    "form": ("ORDER FORM", "Form No", "Amount"),
+}
+
+
+def _fields(rng: random.Random, doc_type: str) -> dict[str, tuple[str, str, str, list[str]]]:
+    """Each field: (label on the page, value on the page, question, gold answers)."""
+    _, number_label, total_label = _DOC_TYPES[doc_type]
+    total = f"${rng.randint(10, 99)}.{rng.choice(['00', '25', '50', '75'])}"
+    date = f"{rng.randint(1, 28):02d}/{rng.randint(1, 12):02d}/2026"
+    number = str(rng.randint(100, 999))
+    name = rng.choice(_NAMES)
+    return {
+        "total": (total_label, total, f"What is the {total_label.lower()}?", [total, total.lstrip("$")]),
+        "date": ("Date", date, "What is the date?", [date]),
+        "number": (number_label, number, f"What is the {number_label.lower()}?", [number]),
+        "name": ("Customer", name, "Who is the customer?", [name]),
+    }
+
+
+def render_document(rng: random.Random, doc_type: str, fields: dict) -> object:
+    """Draw a page: a title, then label/value lines in a shuffled order, at a random offset and font size."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    width, height = rng.choice([(448, 448), (384, 512), (512, 384)])
+    page = Image.new("L", (width, height), color=rng.randint(235, 255))
+    draw = ImageDraw.Draw(page)
+    size = rng.randint(26, 34)
+    font = ImageFont.load_default(size=size)
+    title_font = ImageFont.load_default(size=size + 8)
+    x, y = rng.randint(12, 40), rng.randint(10, 40)
+    draw.text((x, y), _DOC_TYPES[doc_type][0], fill=0, font=title_font)
+    y += size + 24
+    order = list(fields)
+    rng.shuffle(order)
+    for key in order:
+        label, value, _, _ = fields[key]
+        draw.text((x, y), f"{label}: {value}", fill=rng.randint(0, 40), font=font)
+        y += size + rng.randint(10, 22)
+    return page
+
+
+def make_rows(n: int, seed: int) -> list[dict]:
+    """Synthetic rows with DocVQA's columns: id, image, query (by language), answers (list), answer type."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        doc_type = rng.choice(list(_DOC_TYPES))
+        fields = _fields(rng, doc_type)
+        key = rng.choice(list(fields))
+        _, _, question, answers = fields[key]
+        rows.append(
+            {
+                "id": f"{seed}-{i}",
+                "image": render_document(rng, doc_type, fields),
+                "query": {"en": question},
+                "answers": answers,
+                "doc_type": doc_type,
+                "field": key,
+            }
+        )
+    return rows
+
+
+def build_tiny_dataset(out_dir: Path) -> None:
+    """Render train and held-out test splits as parquet files, loadable with `datasets.load_dataset(out_dir)`."""
+    from datasets import Dataset, Features, Image, List, Value
+
+    features = Features(
+        {
+            "id": Value("string"),
+            "image": Image(),
+            "query": {"en": Value("string")},
+            "answers": List(Value("string")),
+            "doc_type": Value("string"),
+            "field": Value("string"),
+        }
+    )
+    for split, n, seed in (("train", TINY_TRAIN_SIZE, 1), ("test", TINY_TEST_SIZE, 2)):
+        Dataset.from_list(make_rows(n, seed), features=features).to_parquet(str(out_dir / f"{split}.parquet"))
+    (out_dir / "README.md").write_text(
+        "Synthetic documents rendered by docvlm.tiny (invoices, receipts, order forms) in DocVQA's schema.\n"
+    )
+    (out_dir / "fixture.json").write_text(json.dumps({"train": TINY_TRAIN_SIZE, "test": TINY_TEST_SIZE}))

@@ -1,0 +1,124 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from docvlm.config import UserError, load_recipe_yaml, parse_recipe, resolve_precision
+
+RECIPES = sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_shipped_recipes_parse_and_say_how_to_launch(recipe):
+    data_args, model_args, training_args = parse_recipe(["--config", str(recipe), "--precision", "fp32"])
+    assert model_args.model_name_or_path and data_args.dataset_name
+    assert model_args.load_in_4bit and model_args.use_peft
+    assert training_args.remove_unused_columns is False
+    head = recipe.read_text().splitlines()[:6]
+    assert any("Launch" in line for line in head) and any(
+        "docvlm.train" in line or "make train" in line for line in head
+    )
+
+
+def test_seed_recipe_keeps_the_notebook_hyperparameters():
+    data_args, model_args, t = parse_recipe(["--config", "recipes/docvqa_qlora.yaml", "--precision", "fp32"])
+    assert model_args.model_name_or_path == "HuggingFaceM4/idefics2-8b"
+    assert (model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout, model_args.lora_init) == (
+        8,
+        8,
+        0.1,
+        "gaussian",
+    )
+    assert model_args.bnb_4bit_quant_type == "nf4" and model_args.do_image_splitting is False
+    assert "perceiver_resampler" in model_args.lora_target_regex
+    assert (data_args.dataset_name, data_args.question_column, data_args.answers_column) == (
+        "nielsr/docvqa_1200_examples",
+        "query.en",
+        "answers",
+    )
+    assert data_args.instruction == "Answer briefly."
+    assert (t.num_train_epochs, t.per_device_train_batch_size, t.gradient_accumulation_steps) == (2, 2, 8)
+    assert (t.learning_rate, t.warmup_steps, t.weight_decay) == (1e-4, 50, 0.01)
+
+
+def test_cli_overrides_the_yaml(tmp_path):
+    data_args, model_args, t = parse_recipe(
+        [
+            "--config",
+            "recipes/tiny_docvqa.yaml",
+            "--learning_rate",
+            "0.5",
+            "--lora_r",
+            "4",
+            "--question_column",
+            "q",
+            "--output_dir",
+            str(tmp_path),
+            "--max_train_samples",
+            "3",
+        ]
+    )
+    assert t.learning_rate == 0.5 and model_args.lora_r == 4 and data_args.question_column == "q"
+    assert t.output_dir == str(tmp_path) and data_args.max_train_samples == 3
+    # untouched keys keep the YAML's values
+    assert t.num_train_epochs == parse_recipe(["--config", "recipes/tiny_docvqa.yaml"])[2].num_train_epochs
+
+
+def test_unknown_key_names_the_key_and_the_file(tmp_path):
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text("model_name_or_path: x\nlearning_rat: 0.1\n")
+    with pytest.raises(UserError, match=r"Unknown key 'learning_rat' in recipe .*typo\.yaml.*'learning_rate'"):
+        parse_recipe(["--config", str(recipe)])
+
+
+def test_unknown_cli_flag_is_an_error():
+    with pytest.raises(UserError, match="--not_a_field"):
+        parse_recipe(["--config", "recipes/tiny_docvqa.yaml", "--not_a_field", "1"])
+
+
+def test_bad_recipes(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_recipe_yaml(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(UserError, match="must be a mapping"):
+        load_recipe_yaml(tmp_path / "list.yaml")
+    (tmp_path / "bad.yaml").write_text("a: [\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_recipe_yaml(tmp_path / "bad.yaml")
+
+
+def test_hub_token_is_refused_in_recipes():
+    with pytest.raises(UserError, match="HF_TOKEN"):
+        parse_recipe(["--config", "recipes/tiny_docvqa.yaml", "--hub_token", "hf_secret"])
+
+
+def test_precision_resolution(monkeypatch):
+    import torch
+
+    assert resolve_precision("bf16") == (True, False)
+    assert resolve_precision("fp16") == (False, True)
+    assert resolve_precision("fp32") == (False, False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_precision("auto") == (False, False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)  # a T4 / V100
+    assert resolve_precision("auto") == (False, True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert resolve_precision("auto") == (True, False)
+
+
+def test_help_lists_the_recipe_fields():
+    out = subprocess.run([sys.executable, "-m", "docvlm.train", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for name in (
+        "--config",
+        "--question_column",
+        "--answers_column",
+        "--lora_target_regex",
+        "--load_in_4bit",
+        "--precision",
+        "--learning_rate",
+        "--max_train_samples",
+    ):
+        assert name in out.stdout, name

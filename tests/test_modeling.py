@@ -1,0 +1,67 @@
+import re
+
+import pytest
+import torch
+
+from docvlm.config import ModelArguments, TrainConfig, UserError, parse_recipe
+from docvlm.modeling import keep_trainable_fp32, load_model, lora_config, quantization_config
+
+SEED_REGEX = (
+    r".*(text_model|modality_projection|perceiver_resampler)"
+    r".*(down_proj|gate_proj|up_proj|k_proj|q_proj|v_proj|o_proj).*$"
+)
+
+
+def training(precision="fp32", **kw):
+    return TrainConfig(output_dir="/tmp/unused", precision=precision, report_to="none", use_cpu=True, **kw)
+
+
+def test_quantization_config_follows_precision():
+    args = ModelArguments(load_in_4bit=True, use_bnb_nested_quant=True, bnb_4bit_skip_modules=["lm_head"])
+    q = quantization_config(args, training("bf16"))
+    assert q.load_in_4bit and q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant
+    assert q.bnb_4bit_compute_dtype == torch.bfloat16 and q.llm_int8_skip_modules == ["lm_head"]
+    assert quantization_config(args, training("fp16")).bnb_4bit_compute_dtype == torch.float16
+    fixed = ModelArguments(load_in_4bit=True, bnb_4bit_compute_dtype="float32", bnb_4bit_quant_storage="bfloat16")
+    q = quantization_config(fixed, training("bf16"))
+    assert q.bnb_4bit_compute_dtype == torch.float32 and q.bnb_4bit_quant_storage == torch.bfloat16
+    assert quantization_config(ModelArguments(), training()) is None
+    with pytest.raises(UserError, match="8 bit and 4 bit"):
+        parse_recipe(["--config", "recipes/tiny_docvqa.yaml", "--load_in_8bit", "true"])
+
+
+def test_lora_targets_text_connector_and_resampler_only(tiny_model_path):
+    from peft import get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_path)
+    config = lora_config(ModelArguments(use_peft=True, lora_r=8, lora_alpha=8, lora_target_regex=SEED_REGEX))
+    assert config.init_lora_weights == "gaussian"
+    peft_model = get_peft_model(model, config)
+    adapted = {name.rsplit(".lora_A", 1)[0] for name, _ in peft_model.named_parameters() if ".lora_A" in name}
+    assert adapted and all(re.match(SEED_REGEX, name) for name in adapted)
+    assert any("text_model" in n for n in adapted) and any("perceiver_resampler" in n for n in adapted)
+    assert any("modality_projection" in n for n in adapted)
+    assert not any("vision_model" in n for n in adapted)
+    assert lora_config(ModelArguments(use_peft=False)) is None
+
+
+def test_tiny_model_loads_in_4bit_on_cpu(tiny_model_path):
+    import bitsandbytes as bnb
+
+    args = ModelArguments(load_in_4bit=True)
+    model = load_model(args, training(), tiny_model_path)
+    assert model.is_loaded_in_4bit
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+
+
+def test_keep_trainable_fp32_undoes_the_bf16_cast():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+    model[0].requires_grad_(False)
+    model.to(torch.bfloat16)
+    assert keep_trainable_fp32(model) == 4  # weight + bias of the norm and the head
+    assert model[1].weight.dtype == model[2].weight.dtype == torch.float32
+    assert model[0].weight.dtype == torch.bfloat16  # frozen weights keep their dtype
+    # A small update survives in fp32 but vanishes in bf16: why trainable weights must stay fp32.
+    one = torch.ones((), dtype=torch.float32)
+    assert (one + 1e-4) != one and (one.bfloat16() + 1e-4) == one.bfloat16()

@@ -1,0 +1,132 @@
+"""End to end on the offline fixtures: train a few steps, save, reload the adapter, resume."""
+
+import json
+
+import pytest
+import torch
+
+from docvlm.collator import DocVQACollator
+from docvlm.train import main, run
+
+
+def quick(tmp_path, *extra):
+    return [
+        "--config",
+        "recipes/tiny_docvqa.yaml",
+        "--output_dir",
+        str(tmp_path),
+        "--max_train_samples",
+        "16",
+        "--max_eval_samples",
+        "8",
+        "--per_device_train_batch_size",
+        "4",
+        "--logging_steps",
+        "1",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    trainer, metrics = run(quick(out, "--max_steps", "4", "--save_steps", "2", "--save_total_limit", "2"))
+    return out, trainer, metrics
+
+
+def test_outputs_are_saved(trained):
+    out, trainer, metrics = trained
+    for name in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "processor_config.json",
+        "tokenizer.json",
+        "chat_template.jinja",
+        "recipe.yaml",
+        "trainer_state.json",
+        "train_results.json",
+    ):
+        assert (out / name).is_file(), name
+    assert list(out.rglob("events.out.tfevents*")), "no TensorBoard logs"
+    assert (out / "checkpoint-4").is_dir()
+    assert trainer.state.global_step == 4 and "eval_loss" in metrics
+    resolved = (out / "recipe.yaml").read_text()
+    assert "max_train_samples: 16" in resolved and "hub_token" not in resolved
+
+
+def test_loss_is_finite_and_logged(trained):
+    out, _, _ = trained
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_trainable_weights_stayed_fp32(trained):
+    _, trainer, _ = trained
+    trainable = [p for p in trainer.model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+
+
+def test_saved_adapter_reloads_with_peft_and_gives_the_same_logits(trained, tiny_dataset_path):
+    from peft import PeftModel
+
+    from docvlm.config import parse_recipe
+    from docvlm.data import load_splits
+    from docvlm.modeling import load_model, load_processor, model_path
+
+    out, trainer, _ = trained
+    data_args, model_args, training_args = parse_recipe(quick(out))
+    path = model_path(model_args)
+    processor = load_processor(model_args, path)
+    _, eval_rows = load_splits(data_args)
+    batch = DocVQACollator(processor, data_args.instruction, 256, "first")([eval_rows[i] for i in range(3)])
+    batch.pop("labels")
+
+    reloaded = PeftModel.from_pretrained(load_model(model_args, training_args, path), str(out)).eval()
+    trained_model = trainer.model.eval()
+    with torch.no_grad():
+        expected = trained_model(**batch).logits
+        got = reloaded(**batch).logits
+        base = reloaded.get_base_model()
+        with reloaded.disable_adapter():
+            untrained = base(**batch).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(untrained, expected, atol=1e-3)  # the adapter does change the model
+
+
+def test_resume_from_latest_checkpoint(trained, tmp_path):
+    import shutil
+
+    out, _, _ = trained
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+    # Mark the checkpoint's history: a resumed run carries it on, a fresh start would log step 1 anew.
+    state_file = resumed / "checkpoint-2" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    next(h for h in state["log_history"] if h.get("step") == 1 and "loss" in h)["loss"] = 123.0
+    state_file.write_text(json.dumps(state))
+
+    trainer, _ = run(
+        quick(
+            resumed,
+            "--max_steps",
+            "4",
+            "--save_steps",
+            "100",
+            "--resume_from_checkpoint",
+            "latest",
+            "--eval_strategy",
+            "no",
+            "--dataset_test_split",
+            "none",
+        )
+    )
+    assert trainer.state.global_step == 4
+    history = json.loads((resumed / "trainer_state.json").read_text())["log_history"]
+    steps = {h["step"]: h["loss"] for h in history if "loss" in h}
+    assert sorted(steps) == [1, 2, 3, 4] and steps[1] == 123.0
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path, capsys):
+    assert main(quick(tmp_path, "--resume_from_checkpoint", "latest", "--max_steps", "1")) == 2
+    assert "holds no checkpoint" in capsys.readouterr().err
