@@ -37,6 +37,7 @@ def test_offline_mode_without_cache(monkeypatch, tmp_path):
 
 
 def test_train_on_hub_recipe_fails_fast_without_a_traceback(tmp_path):
+    """What `make train RECIPE=docvqa_qlora` runs, with the Hub unreachable."""
     # Point the Hub at a closed local port: unreachable for sure, whatever the machine's network.
     env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_CACHE": str(tmp_path / "hub")}
     env.pop("HF_HUB_OFFLINE", None)
@@ -45,13 +46,16 @@ def test_train_on_hub_recipe_fails_fast_without_a_traceback(tmp_path):
         [
             sys.executable,
             "-m",
+            "docvlm",
+            "launch",
+            "--config_file",
+            "accelerate_configs/cpu.yaml",
+            "-m",
             "docvlm.train",
             "--config",
             "recipes/docvqa_qlora.yaml",
             "--output_dir",
             str(tmp_path),
-            "--precision",
-            "fp32",
         ],
         capture_output=True,
         text=True,
@@ -62,4 +66,8 @@ def test_train_on_hub_recipe_fails_fast_without_a_traceback(tmp_path):
     assert out.returncode == 2, out.stderr[-2000:]
     assert elapsed < 60
     assert "Traceback" not in out.stderr
-    assert "HuggingFaceM4/idefics2-8b" in out.stderr and "model_name_or_path" in out.stderr
+    for name, key in (
+        ("HuggingFaceM4/idefics2-8b", "model_name_or_path"),
+        ("nielsr/docvqa_1200_examples", "dataset_name"),
+    ):
+        assert name in out.stderr and f"{key}: <dir>" in out.stderr

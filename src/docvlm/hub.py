@@ -6,6 +6,7 @@ wall of traceback. We ask the Hub once, with a short timeout, before loading any
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -32,6 +33,21 @@ def _is_cached(repo_id: str, repo_type: str, revision: str | None) -> bool:
     return isinstance(found, str)
 
 
+def check_sources(*sources: tuple[str, str, str, str | None]) -> None:
+    """check_source for each (name, kind, recipe_key, revision), reporting every unreachable one at once."""
+    problems = []
+    for source in sources:
+        if not source[0]:  # a missing name is reported by the loader that needs it
+            continue
+        try:
+            check_source(*source)
+        except UserError as err:
+            problems.append(str(err))
+    if problems:
+        raise UserError("\n".join(problems))
+
+
+@functools.cache  # one Hub round-trip per source and run; failures are not cached
 def check_source(name: str, kind: str, recipe_key: str, revision: str | None = None) -> None:
     """Raise a UserError unless `name` (a model or dataset) is a local path, cached, or reachable on the Hub."""
     repo_type = "model" if kind == "model" else "dataset"

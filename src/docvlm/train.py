@@ -53,14 +53,20 @@ def run(argv: list[str] | None = None):
     from transformers import set_seed
     from trl import SFTTrainer
 
+    from docvlm import tiny
     from docvlm.collator import DocVQACollator
     from docvlm.data import load_splits
+    from docvlm.hub import check_sources
     from docvlm.modeling import keep_trainable_fp32, load_model, load_processor, lora_config, model_path
 
     data_args, model_args, training_args = parse_recipe(argv)
     set_seed(training_args.seed)
 
     # Both sources are checked (local, cached or reachable) before anything heavy is loaded.
+    check_sources(
+        (tiny.resolve(model_args.model_name_or_path), "model", "model_name_or_path", model_args.model_revision),
+        (tiny.resolve(data_args.dataset_name), "dataset", "dataset_name", None),
+    )
     path = model_path(model_args)
     train_dataset, eval_dataset = load_splits(data_args, need_eval=training_args.eval_strategy != "no")
     processor = load_processor(model_args, path)
