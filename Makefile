@@ -6,6 +6,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 RECIPE ?= tiny_docvqa
+# eval: the adapter folder to evaluate (default: the recipe's output_dir)
+ADAPTER ?=
 ARGS ?=
 # Without a GPU, install the CPU build of torch and launch on the CPU.
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
@@ -18,7 +20,7 @@ ifndef HAS_GPU
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1073741824
 endif
 
-.PHONY: install train test test-all lint format clean
+.PHONY: install train eval test lint format clean
 
 install: $(VENV)/.installed
 
@@ -31,6 +33,10 @@ $(VENV)/.installed: pyproject.toml
 train: install
 	$(BIN)/docvlm launch --config_file accelerate_configs/$(ACCELERATE_CONFIG).yaml \
 		-m docvlm.train --config recipes/$(RECIPE).yaml $(ARGS)
+
+# Before/after ANLS on the recipe's held-out split (train runs it at the end unless eval_after_training: false).
+eval: install
+	$(BIN)/docvlm eval --config recipes/$(RECIPE).yaml $(if $(ADAPTER),--adapter $(ADAPTER)) $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest $(ARGS)

@@ -11,7 +11,7 @@ RECIPES = sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.yaml")
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_shipped_recipes_parse_and_say_how_to_launch(recipe):
-    data_args, model_args, training_args = parse_recipe(["--config", str(recipe), "--precision", "fp32"])
+    data_args, model_args, training_args, eval_args = parse_recipe(["--config", str(recipe), "--precision", "fp32"])
     assert model_args.model_name_or_path and data_args.dataset_name
     assert model_args.load_in_4bit and model_args.use_peft
     assert training_args.remove_unused_columns is False
@@ -22,7 +22,7 @@ def test_shipped_recipes_parse_and_say_how_to_launch(recipe):
 
 
 def test_seed_recipe_keeps_the_notebook_hyperparameters():
-    data_args, model_args, t = parse_recipe(["--config", "recipes/docvqa_qlora.yaml", "--precision", "fp32"])
+    data_args, model_args, t, _ = parse_recipe(["--config", "recipes/docvqa_qlora.yaml", "--precision", "fp32"])
     assert model_args.model_name_or_path == "HuggingFaceM4/idefics2-8b"
     assert (model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout, model_args.lora_init) == (
         8,
@@ -43,7 +43,7 @@ def test_seed_recipe_keeps_the_notebook_hyperparameters():
 
 
 def test_cli_overrides_the_yaml(tmp_path):
-    data_args, model_args, t = parse_recipe(
+    data_args, model_args, t, _ = parse_recipe(
         [
             "--config",
             "recipes/tiny_docvqa.yaml",

@@ -3,7 +3,7 @@ import re
 import pytest
 import torch
 
-from docvlm.config import ModelArguments, TrainConfig, UserError, parse_recipe
+from docvlm.config import ModelArguments, UserError, parse_recipe
 from docvlm.modeling import keep_trainable_fp32, load_model, lora_config, quantization_config
 
 SEED_REGEX = (
@@ -12,20 +12,19 @@ SEED_REGEX = (
 )
 
 
-def training(precision="fp32", **kw):
-    return TrainConfig(output_dir="/tmp/unused", precision=precision, report_to="none", use_cpu=True, **kw)
-
-
 def test_quantization_config_follows_precision():
     args = ModelArguments(load_in_4bit=True, use_bnb_nested_quant=True, bnb_4bit_skip_modules=["lm_head"])
-    q = quantization_config(args, training("bf16"))
+    q = quantization_config(args, torch.bfloat16)
     assert q.load_in_4bit and q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant
     assert q.bnb_4bit_compute_dtype == torch.bfloat16 and q.llm_int8_skip_modules == ["lm_head"]
-    assert quantization_config(args, training("fp16")).bnb_4bit_compute_dtype == torch.float16
+    # naming other modules keeps transformers' default of leaving the output head unquantized
+    vision = ModelArguments(load_in_4bit=True, bnb_4bit_skip_modules=["model.vision_model"])
+    assert quantization_config(vision, torch.float32).llm_int8_skip_modules == ["model.vision_model", "lm_head"]
+    assert quantization_config(args, torch.float16).bnb_4bit_compute_dtype == torch.float16
     fixed = ModelArguments(load_in_4bit=True, bnb_4bit_compute_dtype="float32", bnb_4bit_quant_storage="bfloat16")
-    q = quantization_config(fixed, training("bf16"))
+    q = quantization_config(fixed, torch.bfloat16)
     assert q.bnb_4bit_compute_dtype == torch.float32 and q.bnb_4bit_quant_storage == torch.bfloat16
-    assert quantization_config(ModelArguments(), training()) is None
+    assert quantization_config(ModelArguments(), torch.float32) is None
     with pytest.raises(UserError, match="8 bit and 4 bit"):
         parse_recipe(["--config", "recipes/tiny_docvqa.yaml", "--load_in_8bit", "true"])
 
@@ -50,7 +49,7 @@ def test_tiny_model_loads_in_4bit_on_cpu(tiny_model_path):
     import bitsandbytes as bnb
 
     args = ModelArguments(load_in_4bit=True)
-    model = load_model(args, training(), tiny_model_path)
+    model = load_model(args, torch.float32, tiny_model_path)
     assert model.is_loaded_in_4bit
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
 

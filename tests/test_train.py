@@ -2,36 +2,11 @@
 
 import json
 
-import pytest
 import torch
 
 from docvlm.collator import DocVQACollator
 from docvlm.train import main, run
-
-
-def quick(tmp_path, *extra):
-    return [
-        "--config",
-        "recipes/tiny_docvqa.yaml",
-        "--output_dir",
-        str(tmp_path),
-        "--max_train_samples",
-        "16",
-        "--max_eval_samples",
-        "8",
-        "--per_device_train_batch_size",
-        "4",
-        "--logging_steps",
-        "1",
-        *extra,
-    ]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    trainer, metrics = run(quick(out, "--max_steps", "4", "--save_steps", "2", "--save_total_limit", "2"))
-    return out, trainer, metrics
+from tests.helpers import quick
 
 
 def test_outputs_are_saved(trained):
@@ -72,17 +47,17 @@ def test_saved_adapter_reloads_with_peft_and_gives_the_same_logits(trained, tiny
 
     from docvlm.config import parse_recipe
     from docvlm.data import load_splits
-    from docvlm.modeling import load_model, load_processor, model_path
+    from docvlm.modeling import load_model, load_processor, model_path, training_dtype
 
     out, trainer, _ = trained
-    data_args, model_args, training_args = parse_recipe(quick(out))
+    data_args, model_args, training_args, _ = parse_recipe(quick(out))
     path = model_path(model_args)
     processor = load_processor(model_args, path)
     _, eval_rows = load_splits(data_args)
     batch = DocVQACollator(processor, data_args.instruction, 256, "first")([eval_rows[i] for i in range(3)])
     batch.pop("labels")
 
-    reloaded = PeftModel.from_pretrained(load_model(model_args, training_args, path), str(out)).eval()
+    reloaded = PeftModel.from_pretrained(load_model(model_args, training_dtype(training_args), path), str(out)).eval()
     trained_model = trainer.model.eval()
     with torch.no_grad():
         expected = trained_model(**batch).logits
@@ -117,6 +92,8 @@ def test_resume_from_latest_checkpoint(trained, tmp_path):
             "latest",
             "--eval_strategy",
             "no",
+            "--eval_after_training",
+            "false",
             "--dataset_test_split",
             "none",
         )

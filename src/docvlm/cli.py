@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
+from pathlib import Path
+
+from docvlm.config import UserError
 
 USAGE = """docvlm <command> [args]
 
 commands:
   train     fine-tune from a recipe (same as python -m docvlm.train); `docvlm train --help` lists every field
+  eval      ANLS / exact match before and after fine-tuning: docvlm eval --config <recipe> [--adapter DIR]
+  predict   answer questions about pages: docvlm predict --adapter DIR --image page.png --question "..."
+  merge     fold an adapter into 16-bit base weights: docvlm merge --adapter DIR --out DIR
+  push      upload a run or merged folder to the Hub: docvlm push --folder DIR --repo_id you/name
   launch    `accelerate launch` with the same arguments, exiting with the job's status and no launcher traceback
   fixtures  build the offline tiny model and synthetic documents now, and print where they are
 """
@@ -27,15 +35,15 @@ def main(argv: list[str] | None = None) -> int:
         return train_main(rest)
     if command == "launch":
         return launch(rest)
-    if command == "fixtures":
-        argparse.ArgumentParser(prog="docvlm fixtures", description="Build the offline fixtures.").parse_args(rest)
-        from docvlm import tiny
-
-        for name in (tiny.TINY_MODEL, tiny.TINY_DATASET):
-            print(f"{name}: {tiny.resolve(name)}")
-        return 0
-    print(f"docvlm: unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
-    return 2
+    commands = {"eval": evaluate, "predict": predict, "merge": merge, "push": push, "fixtures": fixtures}
+    if command not in commands:
+        print(f"docvlm: unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
+        return 2
+    try:
+        return commands[command](rest)
+    except UserError as err:
+        print(f"docvlm {command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 def launch(argv: list[str]) -> int:
@@ -48,6 +56,166 @@ def launch(argv: list[str]) -> int:
         launch_command(args)
     except subprocess.CalledProcessError as err:
         return err.returncode
+    return 0
+
+
+def evaluate(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print(
+            "usage: docvlm eval --config recipes/<recipe>.yaml [--adapter DIR] [--<field> <value> ...]\n\n"
+            "Answers the recipe's held-out split with the base model and with base + adapter, and writes\n"
+            "predictions.jsonl, report.json, report.md (and loss.png) into the adapter folder.\n"
+            "The adapter defaults to the recipe's output_dir; `docvlm train --help` lists the other fields."
+        )
+        return 0
+    from docvlm.evaluate import run_eval
+
+    run_eval(argv)
+    return 0
+
+
+def _predict_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="docvlm predict",
+        description="Answer questions about document images with a fine-tuned model. Prints only the answer.",
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--adapter", help="a training output folder: the 4-bit base + the adapter, as trained")
+    source.add_argument("--model", help="a folder written by `docvlm merge`")
+    parser.add_argument("--image", help="a page image (png, jpg, ...)")
+    parser.add_argument("--question", help="the question about the page")
+    parser.add_argument(
+        "--input",
+        help='a jsonl file of {"image": path, "question": ...} lines; relative paths are read from the file\'s folder',
+    )
+    parser.add_argument("--output", help="with --input: where to write the answers as jsonl (default: stdout)")
+    parser.add_argument("--max_new_tokens", type=int, help="longest answer (default: the recipe's)")
+    parser.add_argument("--batch_size", type=int, default=8)
+    return parser
+
+
+def _open_image(path: Path, where: str):
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise UserError(f"{where}: image file {path} not found.")
+    try:
+        with Image.open(path) as image:
+            return image.copy()
+    except (UnidentifiedImageError, OSError) as err:
+        raise UserError(f"{where}: {path} is not a readable image ({err}).") from None
+
+
+def _read_requests(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise UserError(f"--input {path} not found.")
+    requests = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {number}"
+        try:
+            request = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{where}: not JSON ({err}).") from None
+        if not isinstance(request, dict) or not request.get("image") or not request.get("question"):
+            raise UserError(f'{where}: needs "image" and "question" keys.')
+        image = Path(request["image"])
+        request["_image"] = _open_image(image if image.is_absolute() else path.parent / image, where)
+        requests.append(request)
+    if not requests:
+        raise UserError(f"--input {path} has no requests.")
+    return requests
+
+
+def predict(argv: list[str]) -> int:
+    parser = _predict_parser()
+    args = parser.parse_args(argv)
+    if args.input:
+        if args.image or args.question:
+            parser.error("give either --input or --image with --question")
+        requests = _read_requests(Path(args.input))
+    elif args.image and args.question:
+        requests = [
+            {"image": args.image, "question": args.question, "_image": _open_image(Path(args.image), "--image")}
+        ]
+    else:
+        parser.error("give --image and --question, or --input FILE.jsonl")
+
+    from docvlm.evaluate import generate
+    from docvlm.export import load_for_inference
+
+    model, processor, instruction, max_new_tokens = load_for_inference(args.adapter, args.model)
+    answers = generate(
+        model,
+        processor,
+        [r["_image"] for r in requests],
+        [r["question"] for r in requests],
+        instruction,
+        args.max_new_tokens or max_new_tokens,
+        args.batch_size,
+        desc="answering",
+    )
+    if not args.input:
+        print(answers[0]["answer"])
+        return 0
+    lines = [
+        json.dumps({**{k: v for k, v in r.items() if k != "_image"}, "answer": a["answer"]}, ensure_ascii=False)
+        for r, a in zip(requests, answers, strict=True)
+    ]
+    if args.output:
+        Path(args.output).write_text("\n".join(lines) + "\n")
+        print(f"{len(lines)} answers written to {args.output}", file=sys.stderr)
+    else:
+        print("\n".join(lines))
+    return 0
+
+
+def merge(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="docvlm merge",
+        description="Reload the base model in 16/32-bit (not 4-bit), merge the adapter into it, and save "
+        "safetensors, the processor, the recipe and a model card.",
+    )
+    parser.add_argument("--adapter", required=True, help="a training output folder")
+    parser.add_argument("--out", required=True, help="the folder to write the merged model to")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        help="weights dtype (auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU)",
+    )
+    args = parser.parse_args(argv)
+    from docvlm.export import merge as merge_adapter
+
+    print(f"merged model written to {merge_adapter(args.adapter, args.out, args.dtype)}")
+    return 0
+
+
+def push(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="docvlm push",
+        description="Upload a run or merged folder to the Hub (checkpoints and pickled arguments are left out). "
+        "The token is read from HF_TOKEN or the `hf auth login` store; it is never taken as an argument.",
+    )
+    parser.add_argument("--folder", required=True)
+    parser.add_argument("--repo_id", required=True, help="e.g. you/idefics2-8b-docvqa")
+    parser.add_argument("--public", action="store_true", help="create the repo public (default: private)")
+    args = parser.parse_args(argv)
+    if not Path(args.folder).is_dir():
+        raise UserError(f"--folder {args.folder} is not a folder.")
+    from docvlm.export import push as push_folder
+
+    print(push_folder(args.folder, args.repo_id, private=not args.public))
+    return 0
+
+
+def fixtures(argv: list[str]) -> int:
+    argparse.ArgumentParser(prog="docvlm fixtures", description="Build the offline fixtures.").parse_args(argv)
+    from docvlm import tiny
+
+    for name in (tiny.TINY_MODEL, tiny.TINY_DATASET):
+        print(f"{name}: {tiny.resolve(name)}")
     return 0
 
 

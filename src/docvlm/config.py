@@ -1,9 +1,9 @@
 """Recipe schema and parsing.
 
-A recipe is one YAML file read by TRL's `TrlParser` into three dataclasses: `DataArguments` (what to train on),
-`ModelArguments` (what to load and adapt) and `TrainConfig` (how to train). Any field can be overridden on the
-command line with `--field value`. We only add what TRL lacks: document-QA data fields, a few loading knobs,
-an automatic precision switch, and errors that name the recipe file and the key.
+A recipe is one YAML file read by TRL's `TrlParser` into four dataclasses: `DataArguments` (what to train on),
+`ModelArguments` (what to load and adapt), `TrainConfig` (how to train) and `EvalArguments` (how to evaluate).
+Any field can be overridden on the command line with `--field value`. We only add what TRL lacks: document-QA
+data fields, a few loading knobs, an automatic precision switch, and errors that name the recipe file and the key.
 """
 
 from __future__ import annotations
@@ -41,6 +41,9 @@ class DataArguments(ScriptArguments):
     )
     instruction: str = field(
         default="Answer briefly.", metadata={"help": "Text placed before the image in every user turn."}
+    )
+    group_column: str | None = field(
+        default=None, metadata={"help": "Optional column (e.g. question type) to break evaluation scores down by."}
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only the first N evaluation rows."})
@@ -98,6 +101,22 @@ class TrainConfig(SFTConfig):
         super().__post_init__()
 
 
+@dataclass
+class EvalArguments:
+    """Generation-based evaluation (ANLS / exact match) on the held-out split, before and after fine-tuning."""
+
+    eval_after_training: bool = field(
+        default=True, metadata={"help": "Run the generation evaluation at the end of training."}
+    )
+    eval_compare_base: bool = field(
+        default=True, metadata={"help": "Also answer with the adapter disabled, to report before vs after."}
+    )
+    eval_max_new_tokens: int = field(default=32, metadata={"help": "Longest answer generated, in tokens."})
+    adapter: str | None = field(
+        default=None, metadata={"help": "docvlm eval: the adapter folder to evaluate (default: output_dir)."}
+    )
+
+
 def resolve_precision(precision: str, use_cpu: bool = False) -> tuple[bool, bool]:
     """(bf16, fp16) for a precision setting. 'auto' prefers bf16, falls back to fp16 on CUDA, else fp32."""
     import torch
@@ -111,7 +130,7 @@ def resolve_precision(precision: str, use_cpu: bool = False) -> tuple[bool, bool
     return (True, False) if torch.cuda.is_bf16_supported() else (False, True)
 
 
-RECIPE_DATACLASSES = (DataArguments, ModelArguments, TrainConfig)
+RECIPE_DATACLASSES = (DataArguments, ModelArguments, TrainConfig, EvalArguments)
 USAGE = """python -m docvlm.train --config recipes/<recipe>.yaml [--<field> <value> ...]
 
 Fine-tune a vision-language model on document question answering. Every field below can be set in the recipe
@@ -150,8 +169,8 @@ def load_recipe_yaml(path: str | Path) -> dict:
     return data
 
 
-def parse_recipe(argv: list[str] | None = None) -> tuple[DataArguments, ModelArguments, TrainConfig]:
-    """Parse `--config recipe.yaml` plus CLI overrides into (data, model, training) arguments."""
+def parse_recipe(argv: list[str] | None = None):
+    """Parse `--config recipe.yaml` plus CLI overrides into (data, model, training, eval) arguments."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--config" in argv:
         index = argv.index("--config")
@@ -160,7 +179,7 @@ def parse_recipe(argv: list[str] | None = None) -> tuple[DataArguments, ModelArg
         load_recipe_yaml(argv[index + 1])
     try:
         # TrainConfig.__post_init__ and HfArgumentParser (unknown flags, bad values) raise ValueError.
-        data_args, model_args, training_args = make_parser().parse_args_and_config(argv)
+        data_args, model_args, training_args, eval_args = make_parser().parse_args_and_config(argv)
     except ValueError as err:
         raise UserError(str(err)) from None
     if training_args.hub_token:
@@ -168,4 +187,4 @@ def parse_recipe(argv: list[str] | None = None) -> tuple[DataArguments, ModelArg
             "Do not pass hub_token in a recipe or on the command line: it would be saved with the run. "
             "Set HF_TOKEN in the environment or run `hf auth login` instead."
         )
-    return data_args, model_args, training_args
+    return data_args, model_args, training_args, eval_args

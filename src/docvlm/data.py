@@ -13,7 +13,8 @@ from docvlm import tiny
 from docvlm.config import DataArguments, UserError
 from docvlm.hub import check_source, looks_local
 
-# The columns every mapped dataset has; `row` is the index in the original split, for error messages.
+# The columns every mapped dataset has; `row` is the index in the original split, for error messages. A recipe
+# with a group_column also gets `group`, to break evaluation scores down by.
 CANONICAL = ("image", "question", "answers", "row")
 _DATA_FILE_TYPES = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv", ".arrow": "arrow"}
 
@@ -55,6 +56,8 @@ def map_columns(dataset, args: DataArguments, split: str, source: str, base_dir:
     from datasets import Image
 
     wanted = {"image": args.image_column, "question": args.question_column, "answers": args.answers_column}
+    if args.group_column:
+        wanted["group"] = args.group_column
     present = column_names(dataset)
     for role, column in wanted.items():
         if column not in present:
@@ -129,6 +132,6 @@ def load_splits(args: DataArguments, need_eval: bool = True):
     if need_eval:
         raise UserError(
             f"Split '{args.dataset_test_split}' (dataset_test_split) not in {source}; it has {list(raw)}. "
-            "Set dataset_test_split, or eval_strategy: 'no'."
+            "Set dataset_test_split, or eval_strategy: 'no' and eval_after_training: false."
         )
     return train, None

@@ -31,9 +31,18 @@ def training_dtype(training_args: TrainConfig) -> torch.dtype:
     return torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
 
 
-def _dtype(name: str, training_args: TrainConfig) -> torch.dtype:
-    if name == "auto":
-        return training_dtype(training_args)
+def inference_dtype() -> torch.dtype:
+    """bf16 where the GPU has it, fp16 on older GPUs, fp32 on the CPU: what precision 'auto' trains in."""
+    from docvlm.config import resolve_precision
+
+    bf16, fp16 = resolve_precision("auto")
+    return torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
+
+
+def resolve_dtype(name: str | None, auto: torch.dtype) -> torch.dtype:
+    """A recipe dtype ('auto', 'bfloat16', 'fp16'...) as a torch dtype; 'auto' means `auto`."""
+    if name in (None, "auto"):
+        return auto
     if name not in _DTYPES:
         raise UserError(f"Unknown dtype '{name}'; use auto, bfloat16, float16 or float32.")
     return _DTYPES[name]
@@ -55,42 +64,52 @@ def load_processor(args: ModelArguments, path: str):
     return processor
 
 
-def quantization_config(args: ModelArguments, training_args: TrainConfig):
-    """BitsAndBytesConfig for NF4 (or 8-bit) loading, or None to load in full precision."""
+def quantization_config(args: ModelArguments, compute_dtype: torch.dtype):
+    """BitsAndBytesConfig for NF4 (or 8-bit) loading, or None to load in full precision.
+
+    `compute_dtype` is the training (or inference) precision; the recipe's 'auto' dtypes follow it."""
     from transformers import BitsAndBytesConfig
 
     if not (args.load_in_4bit or args.load_in_8bit):
         return None
-    storage = _dtype(args.bnb_4bit_quant_storage, training_args) if args.bnb_4bit_quant_storage else torch.uint8
+    storage = resolve_dtype(args.bnb_4bit_quant_storage, torch.uint8)
+    skip = args.bnb_4bit_skip_modules
+    if skip and "lm_head" not in skip:
+        # transformers keeps the output head out of 4-bit only when no skip list is given; keep that default.
+        skip = [*skip, "lm_head"]
     return BitsAndBytesConfig(
         load_in_4bit=args.load_in_4bit,
         load_in_8bit=args.load_in_8bit,
         bnb_4bit_quant_type=args.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=args.use_bnb_nested_quant,
-        bnb_4bit_compute_dtype=_dtype(args.bnb_4bit_compute_dtype, training_args),
+        bnb_4bit_compute_dtype=resolve_dtype(args.bnb_4bit_compute_dtype, compute_dtype),
         bnb_4bit_quant_storage=storage,
-        llm_int8_skip_modules=args.bnb_4bit_skip_modules,
+        llm_int8_skip_modules=skip,
     )
 
 
-def load_model(args: ModelArguments, training_args: TrainConfig, path: str):
+def load_model(
+    args: ModelArguments, compute_dtype: torch.dtype, path: str, trust_remote_code: bool = False, quantize: bool = True
+):
+    """The base model as the recipe describes it (4-bit unless `quantize` is False), weights from safetensors."""
     from accelerate import PartialState
     from transformers import AutoModelForImageTextToText
 
-    quant = quantization_config(args, training_args)
+    quant = quantization_config(args, compute_dtype) if quantize else None
     kwargs = {
         "revision": args.model_revision,
-        "dtype": _dtype(args.dtype, training_args),
+        "dtype": resolve_dtype(args.dtype, compute_dtype),
         "quantization_config": quant,
         "attn_implementation": args.attn_implementation,
-        "trust_remote_code": training_args.trust_remote_code,
+        "trust_remote_code": trust_remote_code,
         "use_safetensors": True,
     }
     if quant is not None and torch.cuda.is_available():
         # bitsandbytes needs the weights placed at load time; each process takes its own GPU.
         kwargs["device_map"] = {"": PartialState().local_process_index}
     model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
-    model.config.use_cache = False  # no KV cache while training; generation turns it back on
+    if quant is None and torch.cuda.is_available() and not PartialState().use_distributed:
+        model.to("cuda")
     return model
 
 

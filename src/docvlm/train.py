@@ -48,6 +48,18 @@ def save_resolved_recipe(path: Path, *arg_groups) -> None:
     )
 
 
+def check_push(training_args) -> None:
+    """Fail before training, not after, when a Hub push is asked for but cannot happen."""
+    if not training_args.push_to_hub:
+        return
+    from huggingface_hub import get_token
+
+    if not training_args.hub_model_id:
+        raise UserError("push_to_hub is true but hub_model_id is not set: name the repo, e.g. you/idefics2-docvqa.")
+    if get_token() is None:
+        raise UserError("push_to_hub is true but no Hub token was found: set HF_TOKEN or run `hf auth login`.")
+
+
 def run(argv: list[str] | None = None):
     """Train from a recipe; returns the trainer and the final metrics."""
     from transformers import set_seed
@@ -56,10 +68,11 @@ def run(argv: list[str] | None = None):
     from docvlm import tiny
     from docvlm.collator import DocVQACollator
     from docvlm.data import load_splits
+    from docvlm.evaluate import evaluate_model
     from docvlm.hub import check_sources
-    from docvlm.modeling import keep_trainable_fp32, load_model, load_processor, lora_config, model_path
+    from docvlm.modeling import keep_trainable_fp32, load_model, load_processor, lora_config, model_path, training_dtype
 
-    data_args, model_args, training_args = parse_recipe(argv)
+    data_args, model_args, training_args, eval_args = parse_recipe(argv)
     set_seed(training_args.seed)
 
     # Both sources are checked (local, cached or reachable) before anything heavy is loaded.
@@ -67,10 +80,12 @@ def run(argv: list[str] | None = None):
         (tiny.resolve(model_args.model_name_or_path), "model", "model_name_or_path", model_args.model_revision),
         (tiny.resolve(data_args.dataset_name), "dataset", "dataset_name", None),
     )
+    check_push(training_args)
     path = model_path(model_args)
-    train_dataset, eval_dataset = load_splits(data_args, need_eval=training_args.eval_strategy != "no")
+    needs_eval = training_args.eval_strategy != "no" or eval_args.eval_after_training
+    train_dataset, eval_dataset = load_splits(data_args, need_eval=needs_eval)
     processor = load_processor(model_args, path)
-    model = load_model(model_args, training_args, path)
+    model = load_model(model_args, training_dtype(training_args), path, training_args.trust_remote_code)
 
     trainer = SFTTrainer(
         model=model,
@@ -88,8 +103,9 @@ def run(argv: list[str] | None = None):
         peft_config=lora_config(model_args),
     )
     keep_trainable_fp32(trainer.model)
+    output_dir = Path(training_args.output_dir)
     if trainer.accelerator.is_main_process:
-        save_resolved_recipe(Path(training_args.output_dir) / "recipe.yaml", data_args, model_args, training_args)
+        save_resolved_recipe(output_dir / "recipe.yaml", data_args, model_args, training_args, eval_args)
 
     checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     result = trainer.train(resume_from_checkpoint=checkpoint)
@@ -104,7 +120,40 @@ def run(argv: list[str] | None = None):
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
+    if eval_dataset is not None and eval_args.eval_after_training:
+        if trainer.accelerator.num_processes > 1:
+            # Generation on sharded weights (ZeRO-3, FSDP) needs them gathered; a separate run is simpler.
+            print(
+                f"Generation eval skipped on {trainer.accelerator.num_processes} processes: run "
+                f"`docvlm eval --config <recipe> --adapter {output_dir}` on one GPU."
+            )
+        else:
+            report = evaluate_model(
+                trainer.accelerator.unwrap_model(trainer.model),
+                processor,
+                eval_dataset,
+                data_args.instruction,
+                eval_args.eval_max_new_tokens,
+                training_args.per_device_eval_batch_size,
+                output_dir,
+                meta=run_meta(data_args, model_args, output_dir),
+                compare_base=eval_args.eval_compare_base,
+                train_rows=train_dataset,
+            )
+            metrics.update({f"generation_{k}": v for k, v in report["systems"]["after"].items()})
+    if training_args.push_to_hub:
+        trainer.push_to_hub(commit_message="docvlm: adapter, processor and evaluation report")
     return trainer, metrics
+
+
+def run_meta(data_args, model_args, output_dir: Path) -> dict:
+    return {
+        "recipe": (output_dir / "recipe.yaml").as_posix(),
+        "model": model_args.model_name_or_path,
+        "dataset": data_args.dataset_name,
+        "split": data_args.dataset_test_split,
+        "adapter": output_dir.as_posix(),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,341 @@
+"""DocVQA metrics (ANLS, exact match), batched greedy generation, and the before/after evaluation report.
+
+ANLS is written here because the `anls` module of the `evaluate` hub uses a similarity as a distance and applies
+no threshold.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import torch
+
+from docvlm.collator import END_OF_UTTERANCE, prompt_text, to_rgb
+
+ANLS_THRESHOLD = 0.5
+
+
+def normalize(text: str) -> str:
+    """DocVQA's normalisation: lowercase, strip, collapse whitespace."""
+    return " ".join(str(text).lower().split())
+
+
+def levenshtein(a: str, b: str) -> int:
+    previous = list(range(len(b) + 1))
+    for i, char_a in enumerate(a, 1):
+        current = [i]
+        for j, char_b in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b)))
+        previous = current
+    return previous[-1]
+
+
+def as_list(answers) -> list[str]:
+    return [answers] if isinstance(answers, str) else [a for a in (answers or []) if isinstance(a, str)]
+
+
+def anls(prediction: str, answers, threshold: float = ANLS_THRESHOLD) -> float:
+    """Max over gold answers of 1 - NL, where NL = Levenshtein / longer length; 0 when NL >= threshold."""
+    pred = normalize(prediction)
+    best = 0.0
+    for gold in map(normalize, as_list(answers)):
+        longest = max(len(gold), len(pred))
+        nl = levenshtein(gold, pred) / longest if longest else 0.0
+        best = max(best, 1.0 - nl if nl < threshold else 0.0)
+    return best
+
+
+def exact_match(prediction: str, answers) -> float:
+    return float(normalize(prediction) in {normalize(a) for a in as_list(answers)})
+
+
+@torch.no_grad()
+def generate(
+    model,
+    processor,
+    images,
+    questions,
+    instruction: str,
+    max_new_tokens: int,
+    batch_size: int,
+    desc: str = "generating",
+) -> list[dict]:
+    """Greedy answers, batched with left padding; generation stops at <end_of_utterance> (or </s>).
+
+    Returns one dict per question: the answer text and whether the model stopped by itself.
+    """
+    from tqdm.auto import tqdm
+
+    tokenizer = processor.tokenizer
+    stop_ids = [tokenizer.convert_tokens_to_ids(END_OF_UTTERANCE), tokenizer.eos_token_id]
+    device = next(p for p in model.parameters()).device
+    was_training = model.training
+    model.eval()
+    outputs = []
+    for start in tqdm(range(0, len(questions), batch_size), desc=desc, unit="batch"):
+        qs = questions[start : start + batch_size]
+        ims = [[to_rgb(image, f"Item {start + i}")] for i, image in enumerate(images[start : start + batch_size])]
+        prompts = [prompt_text(processor, instruction, q) for q in qs]
+        batch = processor(text=prompts, images=ims, padding=True, padding_side="left", return_tensors="pt")
+        batch = {k: v.to(device) for k, v in batch.items()}
+        generated = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=stop_ids,
+            pad_token_id=tokenizer.pad_token_id,
+            use_cache=True,
+        )
+        for row in generated[:, batch["input_ids"].shape[1] :].tolist():
+            stopped = any(t in stop_ids for t in row)
+            if stopped:
+                row = row[: min(row.index(t) for t in stop_ids if t in row)]
+            outputs.append({"answer": tokenizer.decode(row, skip_special_tokens=True).strip(), "stopped": stopped})
+    model.train(was_training)
+    return outputs
+
+
+def question_only_baseline(train_questions, train_answers):
+    """A blind guesser: the most common training answer for the same question (or overall). It shows how much
+    of a score needs no image at all, so learning to read is not confused with learning the answer prior."""
+    by_question = defaultdict(Counter)
+    overall = Counter()
+    for question, answers in zip(train_questions, train_answers, strict=True):
+        answer = as_list(answers)[0] if as_list(answers) else ""
+        by_question[normalize(question)][answer] += 1
+        overall[answer] += 1
+    fallback = overall.most_common(1)[0][0] if overall else ""
+
+    def guess(question: str) -> str:
+        counts = by_question.get(normalize(question))
+        return counts.most_common(1)[0][0] if counts else fallback
+
+    return guess
+
+
+def summarize(items: list[dict], systems: list[str]) -> dict:
+    """Mean ANLS / EM per system, overall and per group."""
+    summary = {"count": len(items), "systems": {}}
+    for system in systems:
+        scores = {
+            "anls": sum(i[f"{system}_anls"] for i in items) / max(len(items), 1),
+            "exact_match": sum(i[f"{system}_em"] for i in items) / max(len(items), 1),
+        }
+        if items and f"{system}_stopped" in items[0]:
+            scores["stopped"] = sum(i[f"{system}_stopped"] for i in items) / len(items)
+        groups = defaultdict(list)
+        for item in items:
+            if item.get("group") is not None:
+                groups[item["group"]].append(item[f"{system}_anls"])
+        if groups:
+            scores["anls_by_group"] = {g: sum(v) / len(v) for g, v in sorted(groups.items())}
+        summary["systems"][system] = scores
+    return summary
+
+
+def score_items(items: list[dict], system: str, predictions: list[dict]) -> None:
+    for item, pred in zip(items, predictions, strict=True):
+        item[system] = pred["answer"]
+        item[f"{system}_anls"] = anls(pred["answer"], item["answers"])
+        item[f"{system}_em"] = exact_match(pred["answer"], item["answers"])
+        if "stopped" in pred:
+            item[f"{system}_stopped"] = pred["stopped"]
+
+
+def plot_loss(trainer_state: Path, out_png: Path) -> bool:
+    """Train (and eval) loss against step, from trainer_state.json; False when there is nothing to plot."""
+    if not trainer_state.is_file():
+        return False
+    history = json.loads(trainer_state.read_text()).get("log_history", [])
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    if not train:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(*zip(*train, strict=True), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+    return True
+
+
+SYSTEM_TITLES = {
+    "blind": "question-only guess (no image)",
+    "before": "before (base model)",
+    "after": "after (base + adapter)",
+}
+
+
+def write_report(out_dir: Path, items: list[dict], summary: dict, meta: dict) -> str:
+    """predictions.jsonl, report.json and report.md (with the loss plot when there is a trainer_state.json)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "predictions.jsonl", "w") as f:
+        for item in items:
+            f.write(json.dumps({k: v for k, v in item.items()}, ensure_ascii=False) + "\n")
+    report = {**meta, **summary}
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+
+    lines = [
+        f"# Evaluation: {meta.get('recipe', '')}",
+        "",
+        f"{summary['count']} held-out questions from `{meta.get('dataset')}` (split `{meta.get('split')}`), "
+        f"model `{meta.get('model')}`, adapter `{meta.get('adapter')}`.",
+        "",
+        "| system | ANLS | exact match | stopped at end of answer |",
+        "|---|---|---|---|",
+    ]
+    for system, scores in summary["systems"].items():
+        stopped = f"{scores['stopped']:.0%}" if "stopped" in scores else "-"
+        lines.append(
+            f"| {SYSTEM_TITLES.get(system, system)} | {scores['anls']:.3f} | {scores['exact_match']:.3f} | {stopped} |"
+        )
+    systems = summary["systems"]
+    if "before" in systems and "after" in systems:
+        lines += ["", f"ANLS gain: **{systems['after']['anls'] - systems['before']['anls']:+.3f}**"]
+    grouped = [s for s in systems if "anls_by_group" in systems[s]]
+    if grouped:
+        groups = sorted(systems[grouped[0]]["anls_by_group"])
+        lines += ["", "ANLS by group:", "", "| group | " + " | ".join(grouped) + " |", "|---|" + "---|" * len(grouped)]
+        for g in groups:
+            lines.append(
+                f"| {g} | " + " | ".join(f"{systems[s]['anls_by_group'].get(g, 0):.3f}" for s in grouped) + " |"
+            )
+    lines += [
+        "",
+        f"Generation: {meta['seconds']:.1f} s for {meta['generated']} answers "
+        f"({meta['generated'] / max(meta['seconds'], 1e-9):.2f} examples/s) on {meta['device']}.",
+    ]
+    if plot_loss(out_dir / "trainer_state.json", out_dir / "loss.png"):
+        lines += ["", "![training loss](loss.png)"]
+    examples = items[:5]
+    if examples:
+        lines += [
+            "",
+            "Examples:",
+            "",
+            "| question | gold | " + " | ".join(summary["systems"]) + " |",
+            "|---|---|" + "---|" * len(summary["systems"]),
+        ]
+        for item in examples:
+            cells = [item["question"], " / ".join(as_list(item["answers"]))] + [
+                str(item.get(s, "")) for s in summary["systems"]
+            ]
+            lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+    text = "\n".join(lines) + "\n"
+    (out_dir / "report.md").write_text(text)
+    return text
+
+
+def evaluate_model(
+    model,
+    processor,
+    eval_rows,
+    instruction: str,
+    max_new_tokens: int,
+    batch_size: int,
+    out_dir: Path,
+    meta: dict,
+    compare_base: bool = True,
+    train_rows=None,
+) -> dict:
+    """Generate on eval_rows with the adapter (after) and, if asked, without it (before); write the report."""
+    started = time.perf_counter()
+    questions = list(eval_rows["question"])
+    answers = list(eval_rows["answers"])
+    images = [row["image"] for row in eval_rows]
+    groups = list(eval_rows["group"]) if "group" in eval_rows.column_names else [None] * len(questions)
+    items = [
+        {"row": r, "question": q, "answers": a, "group": g}
+        for r, q, a, g in zip(eval_rows["row"], questions, answers, groups, strict=True)
+    ]
+    systems = []
+    if train_rows is not None:
+        guess = question_only_baseline(train_rows["question"], train_rows["answers"])
+        score_items(items, "blind", [{"answer": guess(q)} for q in questions])
+        systems.append("blind")
+    generated = 0
+    if compare_base and hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            score_items(
+                items,
+                "before",
+                generate(
+                    model, processor, images, questions, instruction, max_new_tokens, batch_size, desc="before (base)"
+                ),
+            )
+        systems.append("before")
+        generated += len(items)
+    score_items(
+        items,
+        "after",
+        generate(model, processor, images, questions, instruction, max_new_tokens, batch_size, desc="after (adapter)"),
+    )
+    systems.append("after")
+    generated += len(items)
+    meta = {
+        **meta,
+        "seconds": time.perf_counter() - started,
+        "generated": generated,
+        "device": str(next(model.parameters()).device),
+    }
+    summary = summarize(items, systems)
+    print(write_report(out_dir, items, summary, meta))
+    return {**meta, **summary}
+
+
+def run_eval(argv: list[str] | None = None) -> dict:
+    """`docvlm eval --config recipe.yaml [--adapter DIR]`: before/after report for a trained adapter."""
+    from peft import PeftModel
+
+    from docvlm import tiny
+    from docvlm.config import UserError, parse_recipe
+    from docvlm.data import load_splits
+    from docvlm.hub import check_sources
+    from docvlm.modeling import load_model, load_processor, model_path, training_dtype
+
+    data_args, model_args, training_args, eval_args = parse_recipe(argv)
+    adapter = Path(eval_args.adapter or training_args.output_dir)
+    if not (adapter / "adapter_config.json").is_file():
+        raise UserError(f"No adapter in {adapter}: train first (`make train`) or pass --adapter <folder>.")
+    check_sources(
+        (tiny.resolve(model_args.model_name_or_path), "model", "model_name_or_path", model_args.model_revision),
+        (tiny.resolve(data_args.dataset_name), "dataset", "dataset_name", None),
+    )
+    path = model_path(model_args)
+    train_rows, eval_rows = load_splits(data_args)
+    processor = load_processor(model_args, str(adapter))
+    base = load_model(model_args, training_dtype(training_args), path, training_args.trust_remote_code)
+    model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    meta = {
+        "recipe": str(adapter / "recipe.yaml"),
+        "model": model_args.model_name_or_path,
+        "dataset": data_args.dataset_name,
+        "split": data_args.dataset_test_split,
+        "adapter": str(adapter),
+    }
+    return evaluate_model(
+        model,
+        processor,
+        eval_rows,
+        data_args.instruction,
+        eval_args.eval_max_new_tokens,
+        training_args.per_device_eval_batch_size,
+        adapter,
+        meta,
+        compare_base=eval_args.eval_compare_base,
+        train_rows=train_rows,
+    )

@@ -1,0 +1,169 @@
+"""Using a trained adapter: the eval report, predict, merge, push, and no token in any output."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from docvlm.cli import main as cli
+from docvlm.config import UserError
+from tests.helpers import quick
+
+
+def held_out(n):
+    from docvlm.config import DataArguments
+    from docvlm.data import load_splits
+
+    _, test = load_splits(DataArguments(dataset_name="docvlm:tiny-docs"))
+    return [test[i] for i in range(n)]
+
+
+def test_training_ends_with_a_before_after_report(trained):
+    out, _, metrics = trained
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["systems"]) == {"blind", "before", "after"} and report["count"] == 8
+    assert "generation_anls" in metrics
+    md = (out / "report.md").read_text()
+    assert "before (base model)" in md and "after (base + adapter)" in md and "![training loss](loss.png)" in md
+    assert (out / "loss.png").is_file()
+    lines = (out / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == 8 and {"question", "answers", "before", "after", "after_anls"} <= set(json.loads(lines[0]))
+
+
+def test_merged_model_gives_the_same_greedy_answers_as_base_plus_adapter(trained, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from docvlm.evaluate import generate
+
+    out, _, _ = trained
+    merged_dir = tmp_path / "merged"
+    assert cli(["merge", "--adapter", str(out), "--out", str(merged_dir), "--dtype", "float32"]) == 0
+    assert (merged_dir / "model.safetensors").is_file() and not (merged_dir / "adapter_config.json").exists()
+    card = (merged_dir / "README.md").read_text()
+    assert "docvlm:tiny-idefics2" in card and "docvlm:tiny-docs" in card and "ANLS" in card
+
+    rows = held_out(10)
+    images, questions = [r["image"] for r in rows], [r["question"] for r in rows]
+    processor = AutoProcessor.from_pretrained(merged_dir)
+    merged = AutoModelForImageTextToText.from_pretrained(merged_dir, dtype=torch.float32)  # no peft involved
+    from docvlm import tiny
+
+    base = AutoModelForImageTextToText.from_pretrained(tiny.resolve(tiny.TINY_MODEL), dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(base, str(out))
+    want = generate(adapted, processor, images, questions, "Answer briefly.", 12, 4)
+    got = generate(merged, processor, images, questions, "Answer briefly.", 12, 4)
+    assert [a["answer"] for a in got] == [a["answer"] for a in want]
+
+
+def test_predict_prints_only_the_answer(trained, tmp_path):
+    out, _, _ = trained
+    page = tmp_path / "page.png"
+    held_out(1)[0]["image"].save(page)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "docvlm",
+            "predict",
+            "--adapter",
+            str(out),
+            "--image",
+            str(page),
+            "--question",
+            "What is the total?",
+            "--max_new_tokens",
+            "6",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.splitlines()
+    assert len(lines) == 1 and "<end_of_utterance>" not in lines[0] and "Assistant" not in lines[0]
+
+
+def test_predict_many_from_jsonl(trained, tmp_path, capsys):
+    out, _, _ = trained
+    rows = held_out(3)
+    (tmp_path / "pages").mkdir()
+    with open(tmp_path / "requests.jsonl", "w") as f:
+        for i, row in enumerate(rows):
+            row["image"].save(tmp_path / "pages" / f"{i}.png")
+            f.write(json.dumps({"image": f"pages/{i}.png", "question": row["question"], "id": i}) + "\n")
+    assert (
+        cli(
+            [
+                "predict",
+                "--adapter",
+                str(out),
+                "--input",
+                str(tmp_path / "requests.jsonl"),
+                "--output",
+                str(tmp_path / "answers.jsonl"),
+            ]
+        )
+        == 0
+    )
+    answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert [a["id"] for a in answers] == [0, 1, 2] and all(isinstance(a["answer"], str) for a in answers)
+
+
+def test_predict_input_errors(trained, tmp_path, capsys):
+    out, _, _ = trained
+    (tmp_path / "bad.jsonl").write_text('{"image": "missing.png", "question": "Q?"}\n')
+    assert cli(["predict", "--adapter", str(out), "--input", str(tmp_path / "bad.jsonl")]) == 2
+    assert "line 1" in capsys.readouterr().err
+    assert cli(["predict", "--adapter", str(tmp_path), "--image", str(tmp_path / "bad.jsonl"), "--question", "Q"]) == 2
+    with pytest.raises(SystemExit):
+        cli(["predict", "--adapter", str(out)])
+
+
+def test_token_never_reaches_the_outputs(tmp_path, monkeypatch, capfd):
+    from docvlm.evaluate import run_eval
+    from docvlm.export import merge
+    from docvlm.train import run
+
+    token = "hf_docvlmLeakCheck" + "x7Q2" * 8
+    monkeypatch.setenv("HF_TOKEN", token)
+    out = tmp_path / "run"
+    run(quick(out, "--max_steps", "2", "--eval_after_training", "true"))
+    run_eval(quick(out, "--adapter", str(out)))
+    merge(str(out), str(tmp_path / "merged"), "float32")
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(files) > 20
+    leaks = [str(p) for p in files if token.encode() in p.read_bytes()]
+    assert leaks == []
+    captured = capfd.readouterr()
+    assert token not in captured.out and token not in captured.err
+
+
+def test_push_uses_the_environment_token_only(tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+
+    from docvlm import export
+
+    calls = {}
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.setdefault("repo", (repo_id, kw)))
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: calls.setdefault("upload", kw) and "ok")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-home"))
+    with pytest.raises(UserError, match="HF_TOKEN"):
+        export.push(str(tmp_path), "me/model")
+    monkeypatch.setenv("HF_TOKEN", "hf_" + "a" * 34)
+    export.push(str(tmp_path), "me/model")
+    assert calls["repo"] == ("me/model", {"private": True, "exist_ok": True})
+    assert calls["upload"]["folder_path"] == str(tmp_path) and "checkpoint-*" in calls["upload"]["ignore_patterns"]
+    assert "token" not in calls["upload"]
+
+
+def test_push_to_hub_without_repo_id_fails_before_training(tmp_path):
+    from docvlm.train import run
+
+    with pytest.raises(UserError, match="hub_model_id"):
+        run(quick(tmp_path, "--push_to_hub", "true"))
+    assert not Path(tmp_path, "adapter_model.safetensors").exists()
