@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from docvlm.collator import END_OF_UTTERANCE, prompt_text, to_rgb
+from docvlm.modeling import autocast_for
 
 ANLS_THRESHOLD = 0.5
 
@@ -81,14 +82,15 @@ def generate(
         prompts = [prompt_text(processor, instruction, q) for q in qs]
         batch = processor(text=prompts, images=ims, padding=True, padding_side="left", return_tensors="pt")
         batch = {k: v.to(device) for k, v in batch.items()}
-        generated = model.generate(
-            **batch,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=stop_ids,
-            pad_token_id=tokenizer.pad_token_id,
-            use_cache=True,
-        )
+        with autocast_for(model):
+            generated = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=stop_ids,
+                pad_token_id=tokenizer.pad_token_id,
+                use_cache=True,
+            )
         for row in generated[:, batch["input_ids"].shape[1] :].tolist():
             stopped = any(t in stop_ids for t in row)
             if stopped:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
 from docvlm import tiny
@@ -147,3 +149,16 @@ def keep_trainable_fp32(model) -> int:
             param.data = param.data.float()
             cast += 1
     return cast
+
+
+def autocast_for(model):
+    """Autocast to the base weights' half precision on a GPU, for use outside the Trainer.
+
+    Trainable weights are fp32 (see keep_trainable_fp32) while the base is bf16/fp16: the Trainer runs under
+    autocast, but generation and plain forward calls need it too, or matmuls mix dtypes."""
+    device = next(model.parameters()).device
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    half = torch.bfloat16 if torch.bfloat16 in dtypes else torch.float16 if torch.float16 in dtypes else None
+    if device.type != "cuda" or half is None:
+        return nullcontext()
+    return torch.autocast("cuda", dtype=half)
