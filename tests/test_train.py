@@ -69,7 +69,7 @@ def test_saved_adapter_reloads_with_peft_and_gives_the_same_logits(trained, tiny
     # fp32 on a CPU is exact to rounding; bf16 autocast on a GPU rounds each matmul to 8 bits of mantissa.
     tolerance = 1e-4 if got.dtype == torch.float32 and got.device.type == "cpu" else 3e-2
     torch.testing.assert_close(got.float(), expected.float(), rtol=tolerance, atol=tolerance)
-    assert not torch.allclose(untrained, expected, atol=1e-3)  # the adapter does change the model
+    assert not torch.allclose(untrained.float(), expected.float(), atol=1e-1)  # the adapter does change the model
 
 
 def test_resume_from_latest_checkpoint(trained, tmp_path):
