@@ -19,7 +19,7 @@ TINY_DATASET = "docvlm:tiny-docs"
 PREFIX = "docvlm:"
 
 # Bump when the fixture's recipe changes, so stale caches are rebuilt rather than reused.
-FIXTURE_VERSION = "8"
+FIXTURE_VERSION = "9"
 
 # Idefics2's chat template, as shipped in the model's processor config.
 IDEFICS2_CHAT_TEMPLATE = (
@@ -239,7 +239,7 @@ def render_document(rng: random.Random, title: str, lines: list[tuple[str, str]]
     width, height = rng.choice([(480, 360), (520, 400), (440, 440)])
     page = Image.new("L", (width, height), color=rng.randint(225, 255))
     draw = ImageDraw.Draw(page)
-    size = rng.randint(18, 24)
+    size = rng.randint(13, 16)
     x, y = rng.randint(6, 30), rng.randint(6, 40)
     draw.text((x, y), title, fill=0, font=_font(size + 4))
     y += size + rng.randint(12, 30)
