@@ -187,7 +187,7 @@ def write_report(out_dir: Path, items: list[dict], summary: dict, meta: dict) ->
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "predictions.jsonl", "w") as f:
         for item in items:
-            f.write(json.dumps({k: v for k, v in item.items()}, ensure_ascii=False) + "\n")
+            f.write(json.dumps(item, ensure_ascii=False) + "\n")
     report = {**meta, **summary}
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
 
@@ -242,6 +242,19 @@ def write_report(out_dir: Path, items: list[dict], summary: dict, meta: dict) ->
     return text
 
 
+class _Pages:
+    """The eval split's pages, decoded batch by batch: a DocVQA scan is ~4 MB once decoded."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        return self.rows[index]["image"]
+
+
 def evaluate_model(
     model,
     processor,
@@ -258,7 +271,7 @@ def evaluate_model(
     started = time.perf_counter()
     questions = list(eval_rows["question"])
     answers = list(eval_rows["answers"])
-    images = [row["image"] for row in eval_rows]
+    images = _Pages(eval_rows)
     groups = list(eval_rows["group"]) if "group" in eval_rows.column_names else [None] * len(questions)
     items = [
         {"row": r, "question": q, "answers": a, "group": g}
@@ -299,36 +312,36 @@ def evaluate_model(
     return {**meta, **summary}
 
 
+def report_meta(data_args, model_args, adapter_dir: Path) -> dict:
+    """What the report says it evaluated."""
+    return {
+        "recipe": (Path(adapter_dir) / "recipe.yaml").as_posix(),
+        "model": model_args.model_name_or_path,
+        "dataset": data_args.dataset_name,
+        "split": data_args.dataset_test_split,
+        "adapter": Path(adapter_dir).as_posix(),
+    }
+
+
 def run_eval(argv: list[str] | None = None) -> dict:
     """`docvlm eval --config recipe.yaml [--adapter DIR]`: before/after report for a trained adapter."""
     from peft import PeftModel
 
-    from docvlm import tiny
     from docvlm.config import UserError, parse_recipe
     from docvlm.data import load_splits
-    from docvlm.hub import check_sources
+    from docvlm.hub import check_recipe_sources
     from docvlm.modeling import load_model, load_processor, model_path, training_dtype
 
     data_args, model_args, training_args, eval_args = parse_recipe(argv)
     adapter = Path(eval_args.adapter or training_args.output_dir)
     if not (adapter / "adapter_config.json").is_file():
         raise UserError(f"No adapter in {adapter}: train first (`make train`) or pass --adapter <folder>.")
-    check_sources(
-        (tiny.resolve(model_args.model_name_or_path), "model", "model_name_or_path", model_args.model_revision),
-        (tiny.resolve(data_args.dataset_name), "dataset", "dataset_name", None),
-    )
+    check_recipe_sources(model_args, data_args)
     path = model_path(model_args)
     train_rows, eval_rows = load_splits(data_args)
     processor = load_processor(model_args, str(adapter))
     base = load_model(model_args, training_dtype(training_args), path, training_args.trust_remote_code)
     model = PeftModel.from_pretrained(base, str(adapter)).eval()
-    meta = {
-        "recipe": str(adapter / "recipe.yaml"),
-        "model": model_args.model_name_or_path,
-        "dataset": data_args.dataset_name,
-        "split": data_args.dataset_test_split,
-        "adapter": str(adapter),
-    }
     return evaluate_model(
         model,
         processor,
@@ -337,7 +350,7 @@ def run_eval(argv: list[str] | None = None) -> dict:
         eval_args.eval_max_new_tokens,
         training_args.per_device_eval_batch_size,
         adapter,
-        meta,
+        report_meta(data_args, model_args, adapter),
         compare_base=eval_args.eval_compare_base,
         train_rows=train_rows,
     )

@@ -33,6 +33,16 @@ def _is_cached(repo_id: str, repo_type: str, revision: str | None) -> bool:
     return isinstance(found, str)
 
 
+def check_recipe_sources(model_args, data_args) -> None:
+    """The recipe's model and dataset, checked before anything heavy is loaded (fixtures are built here)."""
+    from docvlm import tiny
+
+    check_sources(
+        (tiny.resolve(model_args.model_name_or_path), "model", "model_name_or_path", model_args.model_revision),
+        (tiny.resolve(data_args.dataset_name), "dataset", "dataset_name", None),
+    )
+
+
 def check_sources(*sources: tuple[str, str, str, str | None]) -> None:
     """check_source for each (name, kind, recipe_key, revision), reporting every unreachable one at once."""
     problems = []

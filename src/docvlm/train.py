@@ -65,21 +65,16 @@ def run(argv: list[str] | None = None):
     from transformers import set_seed
     from trl import SFTTrainer
 
-    from docvlm import tiny
     from docvlm.collator import DocVQACollator
     from docvlm.data import load_splits
-    from docvlm.evaluate import evaluate_model
-    from docvlm.hub import check_sources
+    from docvlm.evaluate import evaluate_model, report_meta
+    from docvlm.hub import check_recipe_sources
     from docvlm.modeling import keep_trainable_fp32, load_model, load_processor, lora_config, model_path, training_dtype
 
     data_args, model_args, training_args, eval_args = parse_recipe(argv)
     set_seed(training_args.seed)
 
-    # Both sources are checked (local, cached or reachable) before anything heavy is loaded.
-    check_sources(
-        (tiny.resolve(model_args.model_name_or_path), "model", "model_name_or_path", model_args.model_revision),
-        (tiny.resolve(data_args.dataset_name), "dataset", "dataset_name", None),
-    )
+    check_recipe_sources(model_args, data_args)
     check_push(training_args)
     path = model_path(model_args)
     needs_eval = training_args.eval_strategy != "no" or eval_args.eval_after_training
@@ -136,7 +131,7 @@ def run(argv: list[str] | None = None):
                 eval_args.eval_max_new_tokens,
                 training_args.per_device_eval_batch_size,
                 output_dir,
-                meta=run_meta(data_args, model_args, output_dir),
+                meta=report_meta(data_args, model_args, output_dir),
                 compare_base=eval_args.eval_compare_base,
                 train_rows=train_dataset,
             )
@@ -144,16 +139,6 @@ def run(argv: list[str] | None = None):
     if training_args.push_to_hub:
         trainer.push_to_hub(commit_message="docvlm: adapter, processor and evaluation report")
     return trainer, metrics
-
-
-def run_meta(data_args, model_args, output_dir: Path) -> dict:
-    return {
-        "recipe": (output_dir / "recipe.yaml").as_posix(),
-        "model": model_args.model_name_or_path,
-        "dataset": data_args.dataset_name,
-        "split": data_args.dataset_test_split,
-        "adapter": output_dir.as_posix(),
-    }
 
 
 def main(argv: list[str] | None = None) -> int:
