@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 import yaml
 
-from docvlm import tiny
 from docvlm.config import DataArguments, EvalArguments, ModelArguments, UserError
 
 RECIPE_FILE = "recipe.yaml"
@@ -36,8 +35,7 @@ def load_for_inference(adapter: str | None = None, model: str | None = None):
     or from a merged model folder."""
     from transformers import AutoProcessor
 
-    from docvlm.hub import check_source
-    from docvlm.modeling import inference_dtype, load_model, load_processor
+    from docvlm.modeling import inference_dtype, load_model, load_processor, model_path
 
     if bool(adapter) == bool(model):
         raise UserError("Give exactly one of --adapter (a training output folder) and --model (a merged folder).")
@@ -48,8 +46,7 @@ def load_for_inference(adapter: str | None = None, model: str | None = None):
     if adapter:
         from peft import PeftModel
 
-        base = tiny.resolve(model_args.model_name_or_path)
-        check_source(base, "model", "model_name_or_path", model_args.model_revision)
+        base = model_path(model_args)
         processor = load_processor(model_args, str(folder))
         network = PeftModel.from_pretrained(load_model(model_args, inference_dtype(), base), str(folder))
     else:
@@ -63,15 +60,13 @@ def merge(adapter: str, out: str, dtype: str = "auto") -> Path:
     """Reload the base in 16/32-bit (not 4-bit), fold the adapter in, save safetensors + processor + model card."""
     from peft import PeftModel
 
-    from docvlm.hub import check_source
-    from docvlm.modeling import inference_dtype, load_model, load_processor, resolve_dtype
+    from docvlm.modeling import inference_dtype, load_model, load_processor, model_path, resolve_dtype
 
     adapter_dir, out_dir = Path(adapter), Path(out)
     if out_dir.resolve() == adapter_dir.resolve():
         raise UserError("--out must be a new folder, not the adapter folder.")
     model_args, data_args, _ = read_run_recipe(adapter_dir)
-    base = tiny.resolve(model_args.model_name_or_path)
-    check_source(base, "model", "model_name_or_path", model_args.model_revision)
+    base = model_path(model_args)
     weights_dtype = resolve_dtype(dtype, inference_dtype())
     plain = ModelArguments(
         model_revision=model_args.model_revision, dtype="auto", attn_implementation=model_args.attn_implementation
