@@ -29,16 +29,19 @@ def model_path(args: ModelArguments) -> str:
     return path
 
 
+def _precision_dtype(bf16: bool, fp16: bool) -> torch.dtype:
+    return torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
+
+
 def training_dtype(training_args: TrainConfig) -> torch.dtype:
-    return torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
+    return _precision_dtype(training_args.bf16, training_args.fp16)
 
 
 def inference_dtype() -> torch.dtype:
     """bf16 where the GPU has it, fp16 on older GPUs, fp32 on the CPU: what precision 'auto' trains in."""
     from docvlm.config import resolve_precision
 
-    bf16, fp16 = resolve_precision("auto")
-    return torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
+    return _precision_dtype(*resolve_precision("auto"))
 
 
 def resolve_dtype(name: str | None, auto: torch.dtype) -> torch.dtype:

@@ -7,6 +7,7 @@ and `nielsr/docvqa_1200_examples`. A recipe names them with the `docvlm:` prefix
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -217,6 +218,7 @@ def _question(field: str, label: str) -> str:
     return f"{'Who' if person else 'What'} is the {label.lower()}?"
 
 
+@functools.cache  # three faces a page, a few sizes: load each once, not per page
 def _font(size: int):
     """DejaVu Sans (shipped with matplotlib) covers accented names; PIL's default font is the fallback."""
     from PIL import ImageFont
