@@ -92,6 +92,14 @@ class TrainConfig(SFTConfig):
             "Sets bf16/fp16 for you."
         },
     )
+    loss_logits: Literal["auto", "answer", "all"] = field(
+        default="auto",
+        metadata={
+            "help": "answer: project only the answer span onto the vocabulary (same loss, fewer FLOPs). all: "
+            "TRL's loss over every position. auto: answer where TRL's loss kernel can't skip prompt positions "
+            "(CPU), all on CUDA."
+        },
+    )
     # Our collator reads the mapped question/answers columns, which TRL would otherwise drop.
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep False: the collator needs them."})
 

