@@ -20,7 +20,7 @@ ifndef HAS_GPU
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1073741824
 endif
 
-.PHONY: install train eval test lint format clean
+.PHONY: install train eval bench test lint format clean
 
 install: $(VENV)/.installed
 
@@ -37,6 +37,10 @@ train: install
 # Before/after ANLS on the recipe's held-out split (train runs it at the end unless eval_after_training: false).
 eval: install
 	$(BIN)/docvlm eval --config recipes/$(RECIPE).yaml $(if $(ADAPTER),--adapter $(ADAPTER)) $(ARGS)
+
+# GPU: the notebook's setup against our recipes on Idefics2-8B's architecture (docs/benchmarks.md).
+bench: install
+	$(BIN)/python -m docvlm.bench $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest $(ARGS)

@@ -64,3 +64,42 @@ def test_keep_trainable_fp32_undoes_the_bf16_cast():
     # A small update survives in fp32 but vanishes in bf16: why trainable weights must stay fp32.
     one = torch.ones((), dtype=torch.float32)
     assert (one + 1e-4) != one and (one.bfloat16() + 1e-4) == one.bfloat16()
+
+
+def test_connector_checkpointing_keeps_loss_and_gradients(tiny_model_path, tiny_dataset_path):
+    """Recomputing the connector page by page must not change the loss or any LoRA gradient."""
+    from peft import get_peft_model
+
+    from docvlm.collator import DocVQACollator
+    from docvlm.data import load_splits
+    from docvlm.modeling import checkpoint_connector, load_processor, model_path
+
+    data_args, model_args, training_args, _ = parse_recipe(["--config", "recipes/tiny_docvqa.yaml"])
+    path = model_path(model_args)
+    model = get_peft_model(load_model(model_args, torch.float32, path), lora_config(model_args))
+    keep_trainable_fp32(model)
+    train_rows, _ = load_splits(data_args, need_eval=False)
+    collator = DocVQACollator(load_processor(model_args, path), data_args.instruction, 256, "first")
+    batch = collator([train_rows[i] for i in range(4)])
+    model.train()
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    calls = []
+    connector = model.get_base_model().model.connector
+    connector.modality_projection.register_forward_hook(lambda *_: calls.append(1))
+    plain_loss, plain_grads = loss_and_grads()
+    assert len(calls) == 1  # the whole batch at once
+    assert checkpoint_connector(model.get_base_model())
+    ckpt_loss, ckpt_grads = loss_and_grads()
+    assert len(calls) == 1 + 4 + 4  # page by page, then again page by page in the backward pass
+    torch.testing.assert_close(ckpt_loss, plain_loss)
+    connector_grads = [n for n in plain_grads if "connector" in n]
+    assert connector_grads and plain_grads.keys() == ckpt_grads.keys()
+    for name in plain_grads:
+        torch.testing.assert_close(ckpt_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert not checkpoint_connector(torch.nn.Linear(2, 2))  # no connector: nothing to patch

@@ -87,11 +87,11 @@ def resolve(name_or_path: str | None) -> str | None:
         raise ValueError(f"Unknown fixture {name_or_path!r}; the fixtures are {sorted(builders)}.")
     target = cache_root() / f"{name_or_path[len(PREFIX) :]}-v{FIXTURE_VERSION}"
     if not (target / "COMPLETE").exists():
-        _build_atomically(builders[name_or_path], target)
+        build_atomically(builders[name_or_path], target)
     return str(target)
 
 
-def _build_atomically(builder, target: Path) -> None:
+def build_atomically(builder, target: Path) -> None:
     """Build into a temporary sibling and rename it into place, so an interrupted build is never reused."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
@@ -140,7 +140,12 @@ def build_tokenizer():
     return tokenizer
 
 
-def build_processor():
+def build_processor(
+    image_seq_len: int = TINY_IMAGE_SEQ_LEN,
+    shortest_edge: int = TINY_IMAGE_SHORTEST_EDGE,
+    longest_edge: int = TINY_IMAGE_LONGEST_EDGE,
+):
+    """Idefics2's processor (Idefics2's defaults are 64 tokens a page and 378-980 px; the tiny model's are less)."""
     from transformers import Idefics2Processor
     from transformers.utils import is_torchvision_available
 
@@ -151,12 +156,12 @@ def build_processor():
 
     image_processor = Idefics2ImageProcessor(
         do_image_splitting=False,
-        size={"shortest_edge": TINY_IMAGE_SHORTEST_EDGE, "longest_edge": TINY_IMAGE_LONGEST_EDGE},
+        size={"shortest_edge": shortest_edge, "longest_edge": longest_edge},
     )
     return Idefics2Processor(
         image_processor=image_processor,
         tokenizer=build_tokenizer(),
-        image_seq_len=TINY_IMAGE_SEQ_LEN,
+        image_seq_len=image_seq_len,
         chat_template=IDEFICS2_CHAT_TEMPLATE,
     )
 
@@ -227,7 +232,7 @@ def _question(field: str, label: str) -> str:
 
 
 @functools.cache  # a few sizes a page: load each once, not per page
-def _font(size: int):
+def font(size: int):
     """DejaVu Sans (shipped with matplotlib) covers accented names; PIL's default font is the fallback."""
     from PIL import ImageFont
 
@@ -257,9 +262,9 @@ def render_document(rng: random.Random, values: list[str]):
     x, y = 6, 6
     for value in values:
         size = rng.randint(60, 72)
-        while size > 40 and draw.textlength(value, font=_font(size)) > width - x - 5:
+        while size > 40 and draw.textlength(value, font=font(size)) > width - x - 5:
             size -= 4  # the longest names: smaller type rather than clipped off the page edge
-        draw.text((x, y), value, fill=rng.randint(0, 40), font=_font(size))
+        draw.text((x, y), value, fill=rng.randint(0, 40), font=font(size))
         y += size + rng.randint(12, 24)
     return page
 

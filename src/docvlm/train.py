@@ -60,15 +60,23 @@ def check_push(training_args) -> None:
         raise UserError("push_to_hub is true but no Hub token was found: set HF_TOKEN or run `hf auth login`.")
 
 
-def run(argv: list[str] | None = None):
-    """Train from a recipe; returns the trainer and the final metrics."""
+def run(argv: list[str] | None = None, callbacks: list | None = None):
+    """Train from a recipe; returns the trainer and the final metrics. `callbacks`: extra TrainerCallbacks."""
     from transformers import set_seed
 
     from docvlm.collator import DocVQACollator
     from docvlm.data import load_splits
     from docvlm.evaluate import evaluate_model, report_meta
     from docvlm.hub import check_recipe_sources
-    from docvlm.modeling import keep_trainable_fp32, load_model, load_processor, lora_config, model_path, training_dtype
+    from docvlm.modeling import (
+        checkpoint_connector,
+        keep_trainable_fp32,
+        load_model,
+        load_processor,
+        lora_config,
+        model_path,
+        training_dtype,
+    )
     from docvlm.trainer import DocVLMTrainer
 
     data_args, model_args, training_args, eval_args = parse_recipe(argv)
@@ -81,6 +89,8 @@ def run(argv: list[str] | None = None):
     train_dataset, eval_dataset = load_splits(data_args, need_eval=needs_eval)
     processor = load_processor(model_args, path)
     model = load_model(model_args, training_dtype(training_args), path, training_args.trust_remote_code)
+    if training_args.connector_checkpointing and not checkpoint_connector(model):
+        raise UserError("connector_checkpointing is true, but this model has no Idefics2-style connector.")
 
     trainer = DocVLMTrainer(
         model=model,
@@ -96,6 +106,7 @@ def run(argv: list[str] | None = None):
             seed=training_args.seed,
         ),
         peft_config=lora_config(model_args),
+        callbacks=callbacks,
     )
     keep_trainable_fp32(trainer.model)
     output_dir = Path(training_args.output_dir)

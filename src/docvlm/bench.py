@@ -1,0 +1,505 @@
+"""`make bench`: the seed notebook's training setup against our recipes, on one GPU, on the Idefics2-8B
+architecture with random weights and DocVQA-sized synthetic pages.
+
+    python -m docvlm.bench                                   # baseline and the three docvqa_qlora recipes
+    python -m docvlm.bench --setups baseline docvqa_qlora --steps 6 --warmup 2
+    python -m docvlm.bench --setups "docvqa_qlora --precision fp16" --steps 12
+    python -m docvlm.bench --model tiny --steps 2 --warmup 1  # a CPU smoke run of the same code
+
+Speed and memory do not depend on the weight values, so the 8B model is built from its config (facts.md), saved
+once as safetensors and then loaded by path with 4-bit quantization, as users load the Hub checkpoint. Each setup
+runs in its own child process, one after another, so that peak-memory figures and allocator state never mix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from docvlm import tiny
+
+SEED_INSTRUCTION = "Answer briefly."
+SEED_LORA_TARGETS = ".*(text_model|modality_projection|perceiver_resampler).*(down_proj|gate_proj|up_proj|k_proj|q_proj|v_proj|o_proj).*$"  # noqa: E501
+IDEFICS2_8B = {  # facts.md: the config the 8.4 B-parameter architecture is built from
+    "text": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=32003,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        sliding_window=4096,
+        max_position_embeddings=32768,
+        pad_token_id=0,
+    ),
+    "vision": dict(
+        hidden_size=1152,
+        intermediate_size=4304,
+        num_hidden_layers=27,
+        num_attention_heads=16,
+        patch_size=14,
+        image_size=980,
+    ),
+    "perceiver": dict(
+        resampler_n_latents=64, resampler_depth=3, resampler_n_heads=16, resampler_head_dim=96, num_key_value_heads=4
+    ),
+}
+# DocVQA-like questions and answers: ~9-word questions, answers of one to a few words.
+_QUESTIONS = [
+    "What is the date mentioned in this letter?",
+    "What is the total amount due on the invoice?",
+    "Who is the sender of this memo?",
+    "What is the name of the company at the top?",
+    "What is the page number at the bottom of the document?",
+    "To whom is this fax addressed?",
+    "What is the title of the report?",
+    "Which year is mentioned in the table heading?",
+]
+_ANSWERS = [
+    "March 14, 1996",
+    "$1,250.00",
+    "J. R. Smith",
+    "ITC Limited",
+    "12",
+    "Dr. Alan Brooks",
+    "Annual Report",
+    "1989",
+    "Tobacco Institute",
+    "0.45",
+]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DOCVLM_BENCH_CACHE", Path(tiny.cache_root()) / "bench"))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Fixtures: the model and the pages
+# --------------------------------------------------------------------------------------------------------------
+
+
+def build_idefics2_8b(out_dir: Path) -> None:
+    """Idefics2-8B's architecture with random weights (bf16 safetensors) and Idefics2's processor."""
+    import torch
+    from transformers import GenerationConfig, Idefics2Config, Idefics2ForConditionalGeneration
+
+    config = Idefics2Config(
+        text_config={"model_type": "mistral", **IDEFICS2_8B["text"]},
+        vision_config=IDEFICS2_8B["vision"],
+        perceiver_config=IDEFICS2_8B["perceiver"],
+        image_token_id=32001,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # initialising 8.4 B weights takes minutes on a CPU
+    with torch.device(device):
+        model = Idefics2ForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
+    torch.nn.init.normal_(model.model.connector.perceiver_resampler.latents, std=1.0)  # see tiny.build_tiny_model
+    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=[2, 32002], pad_token_id=0)
+    model.save_pretrained(out_dir, safe_serialization=True, max_shard_size="5GB")
+    tiny.build_processor(image_seq_len=64, shortest_edge=378, longest_edge=980).save_pretrained(out_dir)
+
+
+def render_page(rng: random.Random, size: tuple[int, int]):
+    """A scanned-looking page: grey paper, a heading and lines of small print."""
+    from PIL import Image, ImageDraw
+
+    width, height = size
+    page = Image.new("L", size, color=rng.randint(215, 250))
+    draw = ImageDraw.Draw(page)
+    draw.text((120, 100), rng.choice(_ANSWERS).upper(), fill=10, font=tiny.font(56))
+    words = [w for q in _QUESTIONS for w in q.split()] + _ANSWERS
+    y = 260
+    while y < height - 150:
+        line = " ".join(rng.choice(words) for _ in range(rng.randint(6, 14)))
+        draw.text((120, y), line, fill=rng.randint(0, 60), font=tiny.font(26))
+        y += rng.randint(34, 48)
+    return page
+
+
+def build_pages(out_dir: Path, n: int, size: tuple[int, int] = (1700, 2200), seed: int = 0) -> None:
+    """DocVQA-shaped rows (image as JPEG, query.en, answers) in a parquet file, as `nielsr/docvqa_1200_examples`."""
+    import io
+
+    from datasets import Dataset, Features, Image, List, Value
+    from tqdm.auto import tqdm
+
+    rng = random.Random(seed)
+    rows = []
+    for i in tqdm(range(n), desc="rendering pages"):
+        buffer = io.BytesIO()
+        render_page(rng, size).save(buffer, format="JPEG", quality=85)
+        rows.append(
+            {
+                "id": str(i),
+                "image": {"bytes": buffer.getvalue(), "path": None},
+                "query": {"en": rng.choice(_QUESTIONS)},
+                "answers": [rng.choice(_ANSWERS)],
+            }
+        )
+    features = Features(
+        {"id": Value("string"), "image": Image(), "query": {"en": Value("string")}, "answers": List(Value("string"))}
+    )
+    Dataset.from_list(rows, features=features).to_parquet(str(out_dir / "train.parquet"))
+
+
+def fixtures(model: str, pages: int) -> tuple[str, str]:
+    """Paths of the benchmark model and pages, built on first use."""
+    if model == "tiny":
+        model_dir, size = tiny.resolve(tiny.TINY_MODEL), (440, 560)
+    else:
+        model_dir, size = str(cache_dir() / "idefics2-8b-random"), (1700, 2200)
+        if not (Path(model_dir) / "COMPLETE").exists():
+            tiny.build_atomically(build_idefics2_8b, Path(model_dir))
+    data_dir = cache_dir() / f"pages-{size[0]}x{size[1]}-{pages}"
+    if not (data_dir / "COMPLETE").exists():
+        tiny.build_atomically(lambda out: build_pages(out, pages, size), data_dir)
+    return model_dir, str(data_dir)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Measuring
+# --------------------------------------------------------------------------------------------------------------
+
+
+def step_timer(warmup: int, profile: bool = False):
+    """A TrainerCallback that times optimizer steps after `warmup` and records the loss at every step."""
+    import torch
+    from transformers import TrainerCallback
+
+    cuda = torch.cuda.is_available()
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times, self.losses, self.profiler = [], [], None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()  # what loading left cached is not training memory
+                torch.cuda.reset_peak_memory_stats()
+            self.last = time.perf_counter()
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if profile and state.global_step == warmup and self.profiler is None:
+                self.profiler = torch.profiler.profile(
+                    activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+                )
+                self.profiler.__enter__()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if cuda:
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            self.times.append(now - self.last)
+            self.last = now
+            if self.profiler is not None and state.global_step == warmup + 2:
+                self.profiler.__exit__(None, None, None)
+                sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+                print(self.profiler.key_averages().table(sort_by=sort, row_limit=30), flush=True)
+                self.profiler = None
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.losses.append(float(logs["loss"]))
+
+    return StepTimer()
+
+
+def summarize(timer, warmup: int, samples_per_step: int) -> dict:
+    import torch
+
+    steady = timer.times[warmup:] or timer.times
+    s_per_step = sum(steady) / len(steady)
+    result = {
+        "steps_timed": len(steady),
+        "s_per_step": s_per_step,
+        "samples_per_s": samples_per_step / s_per_step,
+        "first_loss": timer.losses[0] if timer.losses else None,
+        "last_loss": timer.losses[-1] if timer.losses else None,
+        "losses": timer.losses,
+    }
+    if torch.cuda.is_available():
+        result.update(
+            gpu=torch.cuda.get_device_name(),
+            peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30,
+            peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30,
+        )
+    return result
+
+
+class SeedCollator:
+    """The notebook's collator, as it was: labels are the input ids with padding set to the image token id, so
+    padding, prompt and image tokens are all trained on (facts.md)."""
+
+    def __init__(self, processor):
+        self.processor = processor
+        self.image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+
+    def __call__(self, examples):
+        texts, images = [], []
+        for example in examples:
+            messages = [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": SEED_INSTRUCTION},
+                        {"type": "image"},
+                        {"type": "text", "text": example["query"]["en"]},
+                    ],
+                },
+                {"role": "assistant", "content": [{"type": "text", "text": random.choice(example["answers"])}]},
+            ]
+            texts.append(self.processor.apply_chat_template(messages, add_generation_prompt=False).strip())
+            images.append([example["image"]])
+        batch = self.processor(text=texts, images=images, return_tensors="pt", padding=True)
+        labels = batch["input_ids"].clone()
+        labels[labels == self.processor.tokenizer.pad_token_id] = self.image_token_id
+        batch["labels"] = labels
+        return batch
+
+
+def run_baseline(model_dir: str, data_dir: str, steps: int, warmup: int, profile: bool) -> dict:
+    """The seed notebook's setup, changed only so that it starts on current transformers: the fp16 adapter it
+    creates is refused by the fp16 GradScaler, so trainable parameters are upcast to fp32 (facts.md)."""
+    import torch
+    from datasets import load_dataset
+    from peft import LoraConfig
+    from transformers import (
+        AutoProcessor,
+        BitsAndBytesConfig,
+        Idefics2ForConditionalGeneration,
+        Trainer,
+        TrainingArguments,
+    )
+
+    cuda = torch.cuda.is_available()
+    processor = AutoProcessor.from_pretrained(model_dir, do_image_splitting=False)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=False,
+        bnb_4bit_compute_dtype=torch.float16,
+    )
+    model = Idefics2ForConditionalGeneration.from_pretrained(
+        model_dir, dtype=torch.float16, quantization_config=quantization, device_map={"": 0} if cuda else None
+    )
+    lora = LoraConfig(
+        r=8, lora_alpha=8, lora_dropout=0.1, target_modules=SEED_LORA_TARGETS, init_lora_weights="gaussian"
+    )
+    try:
+        model.add_adapter(lora)
+    except ValueError:  # newer transformers' add_adapter asks for a newer peft; inject the same LoRA layers
+        from peft import inject_adapter_in_model
+
+        inject_adapter_in_model(lora, model)
+        model._hf_peft_config_loaded = True  # what add_adapter sets; the Trainer checks it
+    for name, param in model.named_parameters():
+        # LoRA weights only (23.3 M on the 8B, as in the notebook), upcast to fp32: the one fix it needs to start
+        # on current transformers, whose fp16 GradScaler refuses fp16 trainable parameters.
+        param.requires_grad = "lora_" in name
+        if param.requires_grad:
+            param.data = param.data.float()
+    args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(prefix="bench-baseline-"),
+        max_steps=warmup + steps,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=8,
+        learning_rate=1e-4,
+        warmup_steps=50,
+        weight_decay=0.01,
+        fp16=cuda,
+        use_cpu=not cuda,
+        remove_unused_columns=False,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=42,
+    )
+    timer = step_timer(warmup, profile)
+    train = load_dataset(data_dir, split="train")
+    trainer = Trainer(
+        model=model, args=args, data_collator=SeedCollator(processor), train_dataset=train, callbacks=[timer]
+    )
+    trainer.train()
+    result = summarize(timer, warmup, 16)
+    result["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return result
+
+
+def run_recipe(recipe: str, model_dir: str, data_dir: str, steps: int, warmup: int, profile: bool) -> dict:
+    """A shipped recipe through `docvlm.train`, exactly as users run it, on the benchmark model and pages."""
+    from docvlm import train
+
+    name, *overrides = shlex.split(recipe)
+    argv = [
+        "--config",
+        f"recipes/{name}.yaml",
+        "--model_name_or_path",
+        model_dir,
+        "--dataset_name",
+        data_dir,
+        "--output_dir",
+        tempfile.mkdtemp(prefix=f"bench-{name}-"),
+        "--max_steps",
+        str(warmup + steps),
+        "--eval_after_training",
+        "false",
+        "--save_strategy",
+        "no",
+        "--report_to",
+        "none",
+        "--logging_steps",
+        "1",
+        *overrides,
+    ]
+    timer = step_timer(warmup, profile)
+    trainer, _ = train.run(argv, callbacks=[timer])
+    args = trainer.args
+    samples = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    return summarize(timer, warmup, samples)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The table
+# --------------------------------------------------------------------------------------------------------------
+
+
+def versions() -> dict:
+    from importlib.metadata import version
+
+    return {p: version(p) for p in ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate")}
+
+
+def table(results: dict[str, dict]) -> str:
+    base = results.get("baseline", {}).get("samples_per_s")
+    lines = [
+        "| setup | samples/s | s/step | vs baseline | peak allocated GiB | peak reserved GiB | loss first → last |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        if "error" in r:
+            lines.append(f"| {name} | failed: {r['error']} | | | | | |")
+            continue
+        ratio = f"{r['samples_per_s'] / base:.2f}x" if base else "-"
+        alloc = f"{r['peak_allocated_gib']:.2f}" if "peak_allocated_gib" in r else "-"
+        reserved = f"{r['peak_reserved_gib']:.2f}" if "peak_reserved_gib" in r else "-"
+        loss = f"{r['first_loss']:.3f} → {r['last_loss']:.3f}" if r["first_loss"] is not None else "-"
+        lines.append(
+            f"| {name} | {r['samples_per_s']:.2f} | {r['s_per_step']:.2f} | {ratio} | {alloc} | {reserved} | {loss} |"
+        )
+    return "\n".join(lines)
+
+
+def child(args) -> None:
+    model_dir, data_dir = fixtures(args.model, args.pages)
+    if args.child == "baseline":
+        result = run_baseline(model_dir, data_dir, args.steps, args.warmup, args.profile)
+    else:
+        result = run_recipe(args.child, model_dir, data_dir, args.steps, args.warmup, args.profile)
+    Path(args.result).write_text(json.dumps(result))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m docvlm.bench",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Time the original notebook's setup against our recipes on one GPU (samples/s, s/step, peak "
+        "memory, first/last loss) and print a table. Each setup runs in its own child process.",
+    )
+    parser.add_argument(
+        "--model",
+        choices=["8b", "tiny"],
+        default="8b",
+        help="8b: Idefics2-8B's architecture, random weights (GPU); tiny: the CPU fixture",
+    )
+    parser.add_argument(
+        "--setups",
+        nargs="+",
+        default=["baseline", "docvqa_qlora", "docvqa_qlora_lowmem", "docvqa_qlora_fast"],
+        help="'baseline' (the seed notebook) or a recipe name, optionally with overrides in quotes, "
+        'e.g. "docvqa_qlora --precision fp16"',
+    )
+    parser.add_argument("--steps", type=int, default=6, help="optimizer steps timed after the warm-up")
+    parser.add_argument("--warmup", type=int, default=2, help="optimizer steps run before timing starts")
+    parser.add_argument("--pages", type=int, default=200, help="synthetic pages to render (each sample is one)")
+    parser.add_argument("--out", default="outputs/bench", help="folder for bench.json and bench.md")
+    parser.add_argument("--profile", action="store_true", help="print a profiler table for two timed steps")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        child(args)
+        return 0
+
+    import torch
+
+    if args.model == "8b" and not torch.cuda.is_available():
+        print(
+            "docvlm bench: the 8B benchmark needs a CUDA GPU (it builds and trains an 8.4 B-parameter model). "
+            "For a CPU smoke run of the same code: python -m docvlm.bench --model tiny --steps 1 --warmup 1",
+            file=sys.stderr,
+        )
+        return 2
+    fixtures(args.model, args.pages)  # build once, before any timing
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for setup in args.setups:
+        result_file = out / f"result-{len(results)}.json"
+        command = [
+            sys.executable,
+            "-m",
+            "docvlm.bench",
+            "--child",
+            setup,
+            "--result",
+            str(result_file),
+            "--model",
+            args.model,
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+            "--pages",
+            str(args.pages),
+            *(["--profile"] if args.profile else []),
+        ]
+        print(f"\n=== {setup} ===", flush=True)
+        started = time.perf_counter()
+        code = subprocess.call(command)
+        if code != 0 or not result_file.exists():
+            results[setup] = {"error": f"exit status {code}"}
+        else:
+            results[setup] = json.loads(result_file.read_text())
+            results[setup]["wall_s"] = time.perf_counter() - started
+        print(table({setup: results[setup]}), flush=True)
+    report = {
+        "date": time.strftime("%Y-%m-%d"),
+        "model": args.model,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "versions": versions(),
+        "results": results,
+    }
+    (out / "bench.json").write_text(json.dumps(report, indent=2))
+    gpu = next((r["gpu"] for r in results.values() if "gpu" in r), "CPU")
+    text = f"{gpu}, {report['date']}, {json.dumps(report['versions'])}\n\n{table(results)}\n"
+    (out / "bench.md").write_text(text)
+    print("\n" + text)
+    return 0 if all("error" not in r for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

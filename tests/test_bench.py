@@ -1,0 +1,79 @@
+"""The benchmark's parts on the CPU: the 8B architecture's size, the notebook's collator as it was, a tiny run."""
+
+import json
+import math
+
+import torch
+
+from docvlm import bench
+
+
+def test_idefics2_8b_architecture_has_8_4b_parameters():
+    from transformers import Idefics2Config, Idefics2ForConditionalGeneration
+
+    config = Idefics2Config(
+        text_config={"model_type": "mistral", **bench.IDEFICS2_8B["text"]},
+        vision_config=bench.IDEFICS2_8B["vision"],
+        perceiver_config=bench.IDEFICS2_8B["perceiver"],
+        image_token_id=32001,
+        tie_word_embeddings=False,
+    )
+    with torch.device("meta"):
+        model = Idefics2ForConditionalGeneration(config)
+    assert round(sum(p.numel() for p in model.parameters()) / 1e9, 3) == 8.403  # facts.md
+
+
+def test_seed_collator_trains_on_prompt_and_padding_as_image_tokens(processor):
+    from PIL import Image
+
+    rows = [
+        {"image": Image.new("L", (300, 400), 255), "query": {"en": "What is the date?"}, "answers": ["1996"]},
+        {"image": Image.new("L", (300, 400), 255), "query": {"en": "Who signed the long letter?"}, "answers": ["A"]},
+    ]
+    batch = bench.SeedCollator(processor)(rows)
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    pad = batch["attention_mask"] == 0
+    assert pad.any(), "rows of different lengths should pad"
+    assert (batch["labels"][pad] == image_id).all()  # the notebook's defect, kept on purpose
+    assert (batch["labels"][~pad] == batch["input_ids"][~pad]).all()  # prompt and image tokens are trained on
+
+
+RECIPE = "docvqa_qlora --per_device_train_batch_size 2 --gradient_accumulation_steps 1 --dataloader_num_workers 0"
+
+
+def test_bench_times_baseline_and_a_recipe(tmp_path, monkeypatch):
+    monkeypatch.setenv("DOCVLM_BENCH_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "bench"
+    code = bench.main(
+        [
+            "--model",
+            "tiny",
+            "--setups",
+            "baseline",
+            RECIPE,
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--pages",
+            "24",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    report = json.loads((out / "bench.json").read_text())
+    results = report["results"]
+    assert set(results) == {"baseline", RECIPE}
+    for result in results.values():
+        assert result["samples_per_s"] > 0 and result["steps_timed"] == 1
+        assert len(result["losses"]) == 2 and all(math.isfinite(loss) for loss in result["losses"])
+    assert results["baseline"]["trainable_params"] > 0
+    table = (out / "bench.md").read_text()
+    assert "| baseline |" in table and "1.00x" in table and report["versions"]["torch"]
+
+
+def test_8b_bench_without_a_gpu_says_what_to_do(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench.main(["--setups", "baseline"]) == 2
+    assert "--model tiny" in capsys.readouterr().err
