@@ -92,15 +92,9 @@ def cache_dir() -> Path:
 def build_idefics2_8b(out_dir: Path) -> None:
     """Idefics2-8B's architecture with random weights (bf16 safetensors) and Idefics2's processor."""
     import torch
-    from transformers import GenerationConfig, Idefics2Config, Idefics2ForConditionalGeneration
+    from transformers import GenerationConfig, Idefics2ForConditionalGeneration
 
-    config = Idefics2Config(
-        text_config={"model_type": "mistral", **IDEFICS2_8B["text"]},
-        vision_config=IDEFICS2_8B["vision"],
-        perceiver_config=IDEFICS2_8B["perceiver"],
-        image_token_id=32001,
-        tie_word_embeddings=False,
-    )
+    config = tiny.idefics2_config(IDEFICS2_8B)
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # initialising 8.4 B weights takes minutes on a CPU
     with torch.device(device):

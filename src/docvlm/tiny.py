@@ -166,13 +166,14 @@ def build_processor(
     )
 
 
-def tiny_config():
+def idefics2_config(spec: dict = TINY_CONFIG):
+    """An Idefics2Config from a {text, vision, perceiver} spec: the tiny one by default, or bench.IDEFICS2_8B."""
     from transformers import Idefics2Config
 
     return Idefics2Config(
-        text_config={"model_type": "mistral", **TINY_CONFIG["text"]},
-        vision_config=TINY_CONFIG["vision"],
-        perceiver_config=TINY_CONFIG["perceiver"],
+        text_config={"model_type": "mistral", **spec["text"]},
+        vision_config=spec["vision"],
+        perceiver_config=spec["perceiver"],
         image_token_id=32001,
         tie_word_embeddings=False,
     )
@@ -184,7 +185,7 @@ def build_tiny_model(out_dir: Path, seed: int = 0) -> None:
     from transformers import GenerationConfig, Idefics2ForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = Idefics2ForConditionalGeneration(tiny_config())
+    model = Idefics2ForConditionalGeneration(idefics2_config())
     # transformers initialises the resampler's latents to one constant, so every latent is the same vector: they
     # attend alike, get the same gradients and never tell pages apart, and a random model could never learn to
     # read. A pretrained Idefics2 has distinct latents; give the tiny one distinct random latents.
