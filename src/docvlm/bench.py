@@ -264,9 +264,27 @@ class SeedCollator:
         return batch
 
 
-def run_baseline(model_dir: str, data_dir: str, steps: int, warmup: int, profile: bool) -> dict:
+class MaskedSeedCollator:
+    """The notebook's setup with our answer-only labels (docvlm.collator), for comparing loss curves with ours:
+    the notebook's own labels train on prompt, image and padding tokens, so its loss is not comparable."""
+
+    def __init__(self, processor):
+        from docvlm.collator import DocVQACollator
+
+        self.collator = DocVQACollator(processor, SEED_INSTRUCTION, None, "random", seed=42)
+
+    def __call__(self, examples):
+        rows = [
+            {"image": e["image"], "question": e["query"]["en"], "answers": e["answers"], "row": e["id"]}
+            for e in examples
+        ]
+        return self.collator(rows)
+
+
+def run_baseline(model_dir: str, data_dir: str, steps: int, warmup: int, profile: bool, masked: bool = False) -> dict:
     """The seed notebook's setup, changed only so that it starts on current transformers: the fp16 adapter it
-    creates is refused by the fp16 GradScaler, so trainable parameters are upcast to fp32 (facts.md)."""
+    creates is refused by the fp16 GradScaler, so trainable parameters are upcast to fp32 (facts.md).
+    `masked`: with our answer-only labels instead of its collator."""
     import torch
     from datasets import load_dataset
     from peft import LoraConfig
@@ -324,7 +342,11 @@ def run_baseline(model_dir: str, data_dir: str, steps: int, warmup: int, profile
     timer = step_timer(warmup, profile)
     train = load_dataset(data_dir, split="train")
     trainer = Trainer(
-        model=model, args=args, data_collator=SeedCollator(processor), train_dataset=train, callbacks=[timer]
+        model=model,
+        args=args,
+        data_collator=(MaskedSeedCollator if masked else SeedCollator)(processor),
+        train_dataset=train,
+        callbacks=[timer],
     )
     trainer.train()
     result = summarize(timer, warmup, 16)
@@ -396,10 +418,24 @@ def table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def loss_curves(results: dict[str, dict]) -> str:
+    """Loss at each optimizer step, setup by setup: where setups train the same labels (baseline-masked and our
+    recipes), the first steps should agree."""
+    runs = {name: r["losses"] for name, r in results.items() if r.get("losses")}
+    if not runs:
+        return ""
+    lines = ["| step | " + " | ".join(runs) + " |", "|---" * (len(runs) + 1) + "|"]
+    for step in range(max(len(losses) for losses in runs.values())):
+        cells = [f"{losses[step]:.3f}" if step < len(losses) else "" for losses in runs.values()]
+        lines.append(f"| {step + 1} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def child(args) -> None:
     model_dir, data_dir = fixtures(args.model, args.pages)
-    if args.child == "baseline":
-        result = run_baseline(model_dir, data_dir, args.steps, args.warmup, args.profile)
+    if args.child in ("baseline", "baseline-masked"):
+        masked = args.child == "baseline-masked"
+        result = run_baseline(model_dir, data_dir, args.steps, args.warmup, args.profile, masked)
     else:
         result = run_recipe(args.child, model_dir, data_dir, args.steps, args.warmup, args.profile)
     Path(args.result).write_text(json.dumps(result))
@@ -422,7 +458,8 @@ def main(argv: list[str] | None = None) -> int:
         "--setups",
         nargs="+",
         default=["baseline", "docvqa_qlora", "docvqa_qlora_lowmem", "docvqa_qlora_fast"],
-        help="'baseline' (the seed notebook) or a recipe name, optionally with overrides in quotes, "
+        help="'baseline' (the seed notebook), 'baseline-masked' (the same with our answer-only labels, whose "
+        "loss curve is comparable with ours) or a recipe name, optionally with overrides in quotes, "
         'e.g. "docvqa_qlora --precision fp16"',
     )
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps timed after the warm-up")
@@ -489,7 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     (out / "bench.json").write_text(json.dumps(report, indent=2))
     gpu = next((r["gpu"] for r in results.values() if "gpu" in r), "CPU")
-    text = f"{gpu}, {report['date']}, {json.dumps(report['versions'])}\n\n{table(results)}\n"
+    text = f"{gpu}, {report['date']}, {json.dumps(report['versions'])}\n\n{table(results)}\n\nLoss by step:\n\n"
+    text += loss_curves(results) + "\n"
     (out / "bench.md").write_text(text)
     print("\n" + text)
     return 0 if all("error" not in r for r in results.values()) else 1
