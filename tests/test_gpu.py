@@ -51,8 +51,7 @@ def test_collator_batches_run_on_cuda(gpu_run):
     _, eval_rows = load_splits(data_args)
     collator = DocVQACollator(trainer.processing_class, data_args.instruction, training_args.max_length, "first")
     rows = [eval_rows[i] for i in range(4)]
-    cpu_batch = collator(rows)
-    batch = cpu_batch.to("cuda")
+    batch = collator(rows).to("cuda")
     assert batch["input_ids"].is_cuda and batch["pixel_values"].is_cuda
     torch.testing.assert_close(collator(rows)["labels"].cuda(), batch["labels"])  # same labels, same masking
     model = trainer.model.eval()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -48,18 +49,23 @@ class DocVLMTrainer(SFTTrainer):
     TRL's do.
     """
 
-    def _answer_logits_only(self, model, inputs) -> bool:
+    def _answer_logits_only(self, inputs) -> bool:
         setting = getattr(self.args, "loss_logits", "auto")
         if setting == "all" or "labels" not in inputs:
             return False
         if setting == "auto" and inputs["labels"].device.type == "cuda":
             return False  # TRL's Triton kernel already scores only the labelled rows
-        base = self.accelerator.unwrap_model(model)
+        return self._takes_logits_to_keep
+
+    @functools.cached_property
+    def _takes_logits_to_keep(self) -> bool:
+        """Whether the model's forward can return logits for the last positions only; read once, not each step."""
+        base = self.accelerator.unwrap_model(self.model)
         base = base.get_base_model() if hasattr(base, "get_base_model") else base
         return "logits_to_keep" in inspect.signature(base.forward).parameters
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if return_outputs or not self._answer_logits_only(model, inputs):
+        if return_outputs or not self._answer_logits_only(inputs):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs["labels"]
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
