@@ -38,7 +38,7 @@ def test_seed_recipe_keeps_the_notebook_hyperparameters():
         "answers",
     )
     assert data_args.instruction == "Answer briefly."
-    # the notebook's effective batch 16 (it ran 2 x 8; 8 x 2 is the same batch in fewer micro-batches)
+    # the notebook's effective batch 16 (it ran 2 x 8; 16 x 1 is the same batch in one micro-batch)
     assert (t.num_train_epochs, t.per_device_train_batch_size * t.gradient_accumulation_steps) == (2, 16)
     assert (t.learning_rate, t.warmup_steps, t.weight_decay) == (1e-4, 50, 0.01)
 

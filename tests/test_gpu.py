@@ -21,7 +21,12 @@ def gpu_run(tmp_path_factory):
     from docvlm.train import run
 
     out = tmp_path_factory.mktemp("gpu-run")
-    trainer, metrics = run(quick(out, "--max_steps", "3", "--save_strategy", "no"))
+    # with the 8B recipes' memory switches, so that their CUDA path is exercised too
+    switches = [
+        *("--gradient_checkpointing", "true", "--connector_checkpointing", "true"),
+        *("--connector_checkpoint_pages", "2", "--cuda_expandable_segments", "true"),
+    ]
+    trainer, metrics = run(quick(out, "--max_steps", "3", "--save_strategy", "no", *switches))
     return out, trainer, metrics
 
 
@@ -38,6 +43,11 @@ def test_4bit_model_trains_on_cuda(gpu_run):
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
     assert trainer.args.bf16 or trainer.args.fp16  # precision auto picks half precision on a GPU
+
+
+def test_recipe_switches_expandable_segments_on(gpu_run):
+    segments = torch.cuda.memory_snapshot()
+    assert segments and any(segment["is_expandable"] for segment in segments)
 
 
 def test_collator_batches_run_on_cuda(gpu_run):

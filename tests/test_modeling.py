@@ -66,40 +66,105 @@ def test_keep_trainable_fp32_undoes_the_bf16_cast():
     assert (one + 1e-4) != one and (one.bfloat16() + 1e-4) == one.bfloat16()
 
 
-def test_connector_checkpointing_keeps_loss_and_gradients(tiny_model_path, tiny_dataset_path):
-    """Recomputing the connector page by page must not change the loss or any LoRA gradient."""
+def _peft_tiny_model_and_batch(size=4):
     from peft import get_peft_model
 
     from docvlm.collator import DocVQACollator
     from docvlm.data import load_splits
-    from docvlm.modeling import checkpoint_connector, load_processor, model_path
+    from docvlm.modeling import load_processor, model_path
 
-    data_args, model_args, training_args, _ = parse_recipe(["--config", "recipes/tiny_docvqa.yaml"])
+    data_args, model_args, _, _ = parse_recipe(["--config", "recipes/tiny_docvqa.yaml"])
     path = model_path(model_args)
     model = get_peft_model(load_model(model_args, torch.float32, path), lora_config(model_args))
     keep_trainable_fp32(model)
     train_rows, _ = load_splits(data_args, need_eval=False)
     collator = DocVQACollator(load_processor(model_args, path), data_args.instruction, 256, "first")
-    batch = collator([train_rows[i] for i in range(4)])
     model.train()
+    return model, collator([train_rows[i] for i in range(size)])
 
-    def loss_and_grads():
-        model.zero_grad()
-        loss = model(**batch).loss
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
+def _loss_and_grads(model, batch):
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same(first, second):
+    (loss_a, grads_a), (loss_b, grads_b) = first, second
+    torch.testing.assert_close(loss_b, loss_a)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_connector_checkpointing_keeps_loss_and_gradients(tiny_model_path, tiny_dataset_path):
+    """Recomputing the connector page by page, or a few pages at a time, changes no loss and no LoRA gradient."""
+    from docvlm.modeling import checkpoint_connector
+
+    model, batch = _peft_tiny_model_and_batch(size=4)
     calls = []
     connector = model.get_base_model().model.connector
     connector.modality_projection.register_forward_hook(lambda *_: calls.append(1))
-    plain_loss, plain_grads = loss_and_grads()
+    original = connector.forward
+    plain = _loss_and_grads(model, batch)
     assert len(calls) == 1  # the whole batch at once
+    assert any("connector" in name for name in plain[1])
     assert checkpoint_connector(model.get_base_model())
-    ckpt_loss, ckpt_grads = loss_and_grads()
+    page_by_page = _loss_and_grads(model, batch)
     assert len(calls) == 1 + 4 + 4  # page by page, then again page by page in the backward pass
-    torch.testing.assert_close(ckpt_loss, plain_loss)
-    connector_grads = [n for n in plain_grads if "connector" in n]
-    assert connector_grads and plain_grads.keys() == ckpt_grads.keys()
-    for name in plain_grads:
-        torch.testing.assert_close(ckpt_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    _assert_same(plain, page_by_page)
+
+    connector.forward = original
+    assert checkpoint_connector(model.get_base_model(), pages_per_chunk=3)
+    chunked = _loss_and_grads(model, batch)
+    assert len(calls) == 9 + 2 + 2  # pages 1-3 and 4, forward and recompute
+    _assert_same(plain, chunked)
     assert not checkpoint_connector(torch.nn.Linear(2, 2))  # no connector: nothing to patch
+
+
+def test_connector_checkpoint_pages_must_be_positive():
+    with pytest.raises(UserError, match="connector_checkpoint_pages must be at least 1"):
+        parse_recipe(["--config", "recipes/tiny_docvqa.yaml", "--connector_checkpoint_pages", "0"])
+
+
+def test_frozen_vision_tower_builds_no_graph(tiny_model_path, tiny_dataset_path):
+    """Gradient checkpointing marks every input-embedding output as requiring grad, the vision tower's too, so the
+    frozen tower would be back-propagated for nothing; without its graph the loss and LoRA gradients are the same."""
+    from docvlm.modeling import frozen_vision_without_grad, vision_tower
+
+    model, batch = _peft_tiny_model_and_batch(size=2)
+    model.enable_input_require_grads()  # what gradient_checkpointing_enable() and TRL do for adapters
+    tower = vision_tower(model.get_base_model())
+    assert tower is model.get_base_model().model.vision_model
+    tracked = []
+    tower.register_forward_hook(lambda _m, _i, out: tracked.append(out.last_hidden_state.requires_grad))
+    with_graph = _loss_and_grads(model, batch)
+    assert tracked == [True]  # the problem: a graph through a tower nothing in it can learn from
+    assert frozen_vision_without_grad(model.get_base_model())
+    without_graph = _loss_and_grads(model, batch)
+    assert tracked == [True, False]
+    _assert_same(with_graph, without_graph)
+
+    next(tower.parameters()).requires_grad_(True)  # a recipe that trains part of the tower keeps its graph
+    _loss_and_grads(model, batch)
+    assert tracked == [True, False, True]
+    assert not frozen_vision_without_grad(torch.nn.Linear(2, 2))
+
+
+def test_expandable_segments_are_set_at_run_time_unless_the_environment_says(monkeypatch):
+    from docvlm import modeling
+
+    calls = []
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", calls.append, raising=False)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert modeling.use_expandable_segments() is False and calls == []  # no GPU: nothing to set
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert modeling.use_expandable_segments() is True
+    assert calls == ["expandable_segments:True"]
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128,expandable_segments:False")
+    assert modeling.use_expandable_segments() is False  # the user's own setting wins
+    assert calls == ["expandable_segments:True"]

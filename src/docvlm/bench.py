@@ -1,7 +1,7 @@
 """`make bench`: the seed notebook's training setup against our recipes, on one GPU, on the Idefics2-8B
 architecture with random weights and DocVQA-sized synthetic pages.
 
-    python -m docvlm.bench                                   # baseline and the three docvqa_qlora recipes
+    python -m docvlm.bench                                   # the notebook (as is, and masked) and our 3 recipes
     python -m docvlm.bench --setups baseline docvqa_qlora --steps 6 --warmup 2
     python -m docvlm.bench --setups "docvqa_qlora --precision fp16" --steps 12
     python -m docvlm.bench --model tiny --steps 2 --warmup 1  # a CPU smoke run of the same code
@@ -219,6 +219,7 @@ def summarize(timer, warmup: int, samples_per_step: int) -> dict:
     result = {
         "steps_timed": len(steady),
         "s_per_step": s_per_step,
+        "step_times": timer.times,  # every step, the warm-up included, to show stalls
         "samples_per_s": samples_per_step / s_per_step,
         "first_loss": timer.losses[0] if timer.losses else None,
         "last_loss": timer.losses[-1] if timer.losses else None,
@@ -457,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--setups",
         nargs="+",
-        default=["baseline", "docvqa_qlora", "docvqa_qlora_lowmem", "docvqa_qlora_fast"],
+        default=["baseline", "baseline-masked", "docvqa_qlora", "docvqa_qlora_lowmem", "docvqa_qlora_fast"],
         help="'baseline' (the seed notebook), 'baseline-masked' (the same with our answer-only labels, whose "
         "loss curve is comparable with ours) or a recipe name, optionally with overrides in quotes, "
         'e.g. "docvqa_qlora --precision fp16"',

@@ -167,15 +167,76 @@ def autocast_for(model):
     return torch.autocast("cuda", dtype=half)
 
 
-def checkpoint_connector(model) -> bool:
-    """Recompute an Idefics2-style connector in the backward pass, one page at a time, instead of keeping its
-    activations; returns whether the model has a connector to patch.
+VISION_TOWER_NAMES = ("vision_model", "vision_tower", "visual")  # Idefics2/Idefics3/SmolVLM, LLaVA, Qwen2-VL
+
+
+def vision_tower(model):
+    """The model's vision encoder (Idefics2's `model.vision_model` and its kin), or None."""
+    for owner in (getattr(model, "model", None), model):
+        for name in VISION_TOWER_NAMES:
+            tower = getattr(owner, name, None)
+            if isinstance(tower, torch.nn.Module):
+                return tower
+    return None
+
+
+def frozen_vision_without_grad(model) -> bool:
+    """Run the vision tower under no_grad whenever none of its weights is trainable; returns whether the model
+    has a vision tower to patch.
+
+    Gradient checkpointing makes transformers call `enable_input_require_grads`, which marks the output of every
+    input-embedding layer as requiring grad, the vision tower's patch embeddings included. A frozen tower then
+    builds a full autograd graph: its layers are checkpointed, recomputed and back-propagated in every step
+    (~3x its forward FLOPs on ~3,800 patches a page) to produce gradients that no trainable weight receives.
+    The LoRA gradients are the same either way. A recipe that adapts the tower (its LoRA targets reach into
+    it) is left alone, since the check runs at every call.
+    """
+    tower = vision_tower(model)
+    if tower is None:
+        return False
+    original = tower.forward
+
+    def forward(*args, **kwargs):
+        if torch.is_grad_enabled() and not any(p.requires_grad for p in tower.parameters()):
+            with torch.no_grad():
+                return original(*args, **kwargs)
+        return original(*args, **kwargs)
+
+    tower.forward = forward
+    return True
+
+
+def use_expandable_segments() -> bool:
+    """Let PyTorch's CUDA caching allocator grow memory segments in place; returns whether it was switched on.
+
+    With fixed-size segments, batches whose shapes vary (questions of different lengths, pages of different sizes)
+    leave reserved-but-unused gaps: 1-2 GiB on Idefics2-8B, which decides whether a 12 GB card fits. The usual
+    switch, PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, must be set before CUDA starts, which happens before
+    a recipe is read (precision checks query the GPU), so it is set here at run time, as torch allows, before the
+    model is loaded. A setting the user made in the environment wins.
+    """
+    import os
+
+    if not torch.cuda.is_available():
+        return False
+    configured = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "") + os.environ.get("PYTORCH_ALLOC_CONF", "")
+    if "expandable_segments" in configured:
+        return "expandable_segments:true" in configured.replace(" ", "").lower()
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)  # torch >= 2.9; older: the cuda one
+    (setter or torch.cuda.memory._set_allocator_settings)("expandable_segments:True")
+    return True
+
+
+def checkpoint_connector(model, pages_per_chunk: int = 1) -> bool:
+    """Recompute an Idefics2-style connector in the backward pass, `pages_per_chunk` pages at a time, instead of
+    keeping its activations; returns whether the model has a connector to patch.
 
     The connector (modality projection + perceiver resampler) carries LoRA and runs on every patch of a page
-    (~3,800 on Idefics2-8B, through a 14,336-wide MLP), so it keeps ~1.5 GB of activations a page, and HF's
-    gradient checkpointing does not cover it. Checkpointed page by page, it keeps only its input (~9 MB a page)
-    and recomputes one page at a time. The math is unchanged: pages never interact in the connector. The module
-    tree is left as it is (only the instance's forward is wrapped), so adapter weights keep their usual names.
+    (~3,800 on Idefics2-8B, through a 14,336-wide MLP), so it keeps ~1.3 GB of activations a page, and HF's
+    gradient checkpointing does not cover it. Checkpointed, it keeps only its input (~9 MB a page) and
+    recomputes one chunk at a time: larger chunks mean fewer, larger kernels and more memory at the recompute.
+    The math is unchanged: pages never interact in the connector. The module tree is left as it is (only the
+    instance's forward is wrapped), so adapter weights keep their usual names.
     """
     from torch.utils.checkpoint import checkpoint
 
@@ -187,16 +248,16 @@ def checkpoint_connector(model) -> bool:
     def forward(image_hidden_states, attention_mask=None):
         if not (connector.training and torch.is_grad_enabled()):
             return original(image_hidden_states, attention_mask)
-        pages = [
+        chunks = [
             checkpoint(
                 original,
-                image_hidden_states[i : i + 1],
-                None if attention_mask is None else attention_mask[i : i + 1],
+                image_hidden_states[i : i + pages_per_chunk],
+                None if attention_mask is None else attention_mask[i : i + pages_per_chunk],
                 use_reentrant=False,
             )
-            for i in range(image_hidden_states.shape[0])
+            for i in range(0, image_hidden_states.shape[0], pages_per_chunk)
         ]
-        return torch.cat(pages)
+        return torch.cat(chunks)
 
     connector.forward = forward
     return True

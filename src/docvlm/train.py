@@ -70,12 +70,14 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
     from docvlm.hub import check_recipe_sources
     from docvlm.modeling import (
         checkpoint_connector,
+        frozen_vision_without_grad,
         keep_trainable_fp32,
         load_model,
         load_processor,
         lora_config,
         model_path,
         training_dtype,
+        use_expandable_segments,
     )
     from docvlm.trainer import DocVLMTrainer
 
@@ -88,8 +90,13 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
     needs_eval = training_args.eval_strategy != "no" or eval_args.eval_after_training
     train_dataset, eval_dataset = load_splits(data_args, need_eval=needs_eval)
     processor = load_processor(model_args, path)
+    if training_args.cuda_expandable_segments:
+        use_expandable_segments()  # before the model takes its memory
     model = load_model(model_args, training_dtype(training_args), path, training_args.trust_remote_code)
-    if training_args.connector_checkpointing and not checkpoint_connector(model):
+    if training_args.vision_tower_no_grad:
+        frozen_vision_without_grad(model)  # a model without a separate vision tower has nothing to skip
+    pages = training_args.connector_checkpoint_pages
+    if training_args.connector_checkpointing and not checkpoint_connector(model, pages):
         raise UserError("connector_checkpointing is true, but this model has no Idefics2-style connector.")
 
     trainer = DocVLMTrainer(
