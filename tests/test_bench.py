@@ -55,10 +55,15 @@ def test_bench_times_the_baselines_and_a_recipe(tmp_path, monkeypatch):
     for result in results.values():
         assert result["samples_per_s"] > 0 and result["steps_timed"] == 1
         assert len(result["losses"]) == 2 and all(math.isfinite(loss) for loss in result["losses"])
+        # What each step waited for, step by step, to explain a slow one: its batch is fetched inside the step.
+        assert len(result["data_wait_s"]) == len(result["gc_pause_s"]) == len(result["step_times"]) == 2
+        assert all(0 <= wait < step for wait, step in zip(result["data_wait_s"], result["step_times"], strict=True))
+        assert all(pause >= 0 for pause in result["gc_pause_s"])
     assert results["baseline"]["trainable_params"] > 0
-    # Same batches, same answer-only labels, LoRA starting at zero: our recipe and the masked notebook setup
-    # start from the same loss (the notebook's own labels give another).
-    assert abs(results["baseline-masked"]["losses"][0] - results[RECIPE]["losses"][0]) < 0.01
+    # Same batches, same answer-only labels, LoRA starting at zero, same precision on the CPU: our recipe and the
+    # masked notebook setup follow the same loss curve (the notebook's own labels give another).
+    for ours, masked in zip(results[RECIPE]["losses"], results["baseline-masked"]["losses"], strict=True):
+        assert abs(ours - masked) < 0.01
     text = (out / "bench.md").read_text()
     assert "| baseline |" in text and "1.00x" in text and "Loss by step" in text and report["versions"]["torch"]
 

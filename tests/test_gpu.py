@@ -25,6 +25,7 @@ def gpu_run(tmp_path_factory):
     switches = [
         *("--gradient_checkpointing", "true", "--connector_checkpointing", "true"),
         *("--connector_checkpoint_pages", "2", "--cuda_expandable_segments", "true"),
+        *("--cudnn_attention", "false", "--connector_lean_activations", "true"),
     ]
     trainer, metrics = run(quick(out, "--max_steps", "3", "--save_strategy", "no", *switches))
     return out, trainer, metrics
@@ -48,6 +49,11 @@ def test_4bit_model_trains_on_cuda(gpu_run):
 def test_recipe_switches_expandable_segments_on(gpu_run):
     segments = torch.cuda.memory_snapshot()
     assert segments and any(segment["is_expandable"] for segment in segments)
+
+
+def test_recipe_switches_cudnn_attention_off(gpu_run):
+    assert not torch.backends.cuda.cudnn_sdp_enabled()
+    assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
 
 
 def test_collator_batches_run_on_cuda(gpu_run):

@@ -123,9 +123,87 @@ def test_connector_checkpointing_keeps_loss_and_gradients(tiny_model_path, tiny_
     assert not checkpoint_connector(torch.nn.Linear(2, 2))  # no connector: nothing to patch
 
 
+def _saved_activation_bytes(module, *inputs, **kwargs) -> int:
+    """Bytes of the activations autograd keeps for the backward pass of `module(...)`, each counted once (weights,
+    which are kept anyway, are not counted)."""
+    weights = {param.data_ptr() for param in module.parameters()}
+    seen = {}
+
+    def pack(tensor):
+        if tensor.data_ptr() not in weights:
+            seen[(tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))] = tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        module(*inputs, **kwargs)
+    return sum(seen.values())
+
+
+def test_lean_connector_keeps_loss_and_gradients_and_saves_less(tiny_model_path, tiny_dataset_path):
+    """The connector's RMSNorms and gated MLP keep fewer activations; the loss and LoRA gradients do not change."""
+    from docvlm.modeling import lean_connector_activations
+
+    model, batch = _peft_tiny_model_and_batch(size=4)
+    plain = _loss_and_grads(model, batch)
+    assert lean_connector_activations(model.get_base_model())
+    lean = _loss_and_grads(model, batch)
+    _assert_same(plain, lean)
+    assert any("connector" in name for name in lean[1])
+    assert not lean_connector_activations(torch.nn.Linear(2, 2))  # no connector: nothing to change
+
+    # What it saves shows in half precision, as on a GPU: the tiny connector in bf16, on 3 pages of 40 patches.
+    from transformers import AutoConfig
+    from transformers.models.idefics2.modeling_idefics2 import Idefics2Connector
+
+    config = AutoConfig.from_pretrained(tiny_model_path)
+    holder = torch.nn.Module()
+    holder.model = torch.nn.Module()
+    holder.model.connector = Idefics2Connector(config).to(torch.bfloat16).requires_grad_(False)
+    context = torch.randn(3, 40, config.vision_config.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+    mask = torch.ones(3, 40, dtype=torch.bool)
+    connector = holder.model.connector
+    plain_bytes = _saved_activation_bytes(connector, context, attention_mask=mask)
+    assert lean_connector_activations(holder)
+    assert _saved_activation_bytes(connector, context, attention_mask=mask) < 0.8 * plain_bytes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_rms_norm_and_gated_product_match_autograd(dtype):
+    from transformers.models.idefics2.modeling_idefics2 import Idefics2RMSNorm
+
+    from docvlm.modeling import _lean_rms_norm, _SiluTimes
+
+    torch.manual_seed(0)
+    norm = Idefics2RMSNorm(64, eps=1e-5).to(dtype)
+    torch.nn.init.normal_(norm.weight, mean=1.0, std=0.2)  # trainable here, so its gradient is checked too
+    lean = _lean_rms_norm(norm)
+    hidden = torch.randn(3, 7, 64, dtype=dtype, requires_grad=True)
+    grad = torch.randn(3, 7, 64, dtype=dtype)
+    expected = norm(hidden)
+    expected_grads = torch.autograd.grad(expected, [hidden, norm.weight], grad)
+    got = lean(hidden)
+    got_grads = torch.autograd.grad(got, [hidden, norm.weight], grad)
+    assert torch.equal(got, expected)  # the forward pass is the module's own, op for op
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    for name, a, b in zip(["hidden", "weight"], got_grads, expected_grads, strict=True):
+        torch.testing.assert_close(a, b, **tolerance, msg=name)
+
+    gate = torch.randn(5, 32, dtype=dtype, requires_grad=True)
+    up = torch.randn(5, 32, dtype=dtype, requires_grad=True)
+    grad = torch.randn(5, 32, dtype=dtype)
+    expected = torch.nn.functional.silu(gate) * up
+    expected_grads = torch.autograd.grad(expected, [gate, up], grad)
+    got = _SiluTimes.apply(gate, up)
+    assert torch.equal(got, expected)
+    for a, b in zip(torch.autograd.grad(got, [gate, up], grad), expected_grads, strict=True):
+        assert torch.equal(a, b)  # the same kernels as autograd's, bit for bit
+
+
 def test_connector_checkpoint_pages_must_be_positive():
     with pytest.raises(UserError, match="connector_checkpoint_pages must be at least 1"):
         parse_recipe(["--config", "recipes/tiny_docvqa.yaml", "--connector_checkpoint_pages", "0"])
+    with pytest.raises(UserError, match="vision_tower_pages must be 0"):
+        parse_recipe(["--config", "recipes/tiny_docvqa.yaml", "--vision_tower_pages", "-1"])
 
 
 def test_frozen_vision_tower_builds_no_graph(tiny_model_path, tiny_dataset_path):
@@ -141,14 +219,28 @@ def test_frozen_vision_tower_builds_no_graph(tiny_model_path, tiny_dataset_path)
     tower.register_forward_hook(lambda _m, _i, out: tracked.append(out.last_hidden_state.requires_grad))
     with_graph = _loss_and_grads(model, batch)
     assert tracked == [True]  # the problem: a graph through a tower nothing in it can learn from
+    original_forward = tower.forward
     assert frozen_vision_without_grad(model.get_base_model())
     without_graph = _loss_and_grads(model, batch)
     assert tracked == [True, False]
     _assert_same(with_graph, without_graph)
 
+    # A page at a time: the same outputs, so the same loss and gradients.
+    pages_per_call = []
+
+    def counting(**kwargs):
+        pages_per_call.append(kwargs["pixel_values"].shape[0])
+        return original_forward(**kwargs)
+
+    tower.forward = counting
+    assert frozen_vision_without_grad(model.get_base_model(), pages_per_chunk=1)
+    one_by_one = _loss_and_grads(model, batch)
+    assert pages_per_call == [1, 1] and tracked == [True, False, False]
+    _assert_same(with_graph, one_by_one)
+
     next(tower.parameters()).requires_grad_(True)  # a recipe that trains part of the tower keeps its graph
     _loss_and_grads(model, batch)
-    assert tracked == [True, False, True]
+    assert tracked == [True, False, False, True] and pages_per_call == [1, 1, 2]
     assert not frozen_vision_without_grad(torch.nn.Linear(2, 2))
 
 
@@ -168,3 +260,17 @@ def test_expandable_segments_are_set_at_run_time_unless_the_environment_says(mon
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128,expandable_segments:False")
     assert modeling.use_expandable_segments() is False  # the user's own setting wins
     assert calls == ["expandable_segments:True"]
+
+
+def test_cudnn_attention_switch_turns_cudnn_sdpa_off_on_a_gpu_only(monkeypatch):
+    from docvlm import modeling
+
+    enabled = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        assert modeling.disable_cudnn_attention() is False and torch.backends.cuda.cudnn_sdp_enabled()
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        assert modeling.disable_cudnn_attention() is True and not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(enabled)

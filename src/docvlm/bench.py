@@ -168,24 +168,48 @@ def fixtures(model: str, pages: int) -> tuple[str, str]:
 
 
 def step_timer(warmup: int, profile: bool = False):
-    """A TrainerCallback that times optimizer steps after `warmup` and records the loss at every step."""
+    """A TrainerCallback that times optimizer steps after `warmup`, records the loss at every step, and, to explain
+    a slow step, what each one spent waiting: for its batch (the Trainer fetches a step's batches before
+    `on_step_begin`), in Python's garbage collector, and in CUDA allocator calls (segments created or freed,
+    allocations retried after freeing the cache, pinned host memory allocated)."""
     import torch
     from transformers import TrainerCallback
 
     cuda = torch.cuda.is_available()
 
+    def allocator_counts() -> dict:
+        if not cuda:
+            return {}
+        stats = torch.cuda.memory_stats()
+        counts = {key: stats.get(key, 0) for key in ("num_device_alloc", "num_device_free", "num_alloc_retries")}
+        host = getattr(torch.cuda, "host_memory_stats", None)  # pinned memory for the DataLoader's pin thread
+        if host is not None:
+            counts["num_host_alloc"] = host().get("num_host_alloc", 0)
+        return counts
+
     class StepTimer(TrainerCallback):
         def __init__(self):
             self.times, self.losses, self.profiler = [], [], None
+            self.data_wait, self.gc_pause, self.allocator = [], [], []
+            self.gc_started, self.gc_in_step = None, 0.0
+
+        def on_gc(self, phase, info):
+            if phase == "start":
+                self.gc_started = time.perf_counter()
+            elif self.gc_started is not None:
+                self.gc_in_step += time.perf_counter() - self.gc_started
 
         def on_train_begin(self, args, state, control, **kwargs):
             gc.collect()
             if cuda:
                 torch.cuda.empty_cache()  # what loading left cached is not training memory
                 torch.cuda.reset_peak_memory_stats()
+            gc.callbacks.append(self.on_gc)
+            self.counts = allocator_counts()
             self.last = time.perf_counter()
 
         def on_step_begin(self, args, state, control, **kwargs):
+            self.data_wait.append(time.perf_counter() - self.last)
             if profile and state.global_step == warmup and self.profiler is None:
                 self.profiler = torch.profiler.profile(
                     activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
@@ -198,6 +222,11 @@ def step_timer(warmup: int, profile: bool = False):
             now = time.perf_counter()
             self.times.append(now - self.last)
             self.last = now
+            self.gc_pause.append(self.gc_in_step)
+            self.gc_in_step = 0.0
+            counts = allocator_counts()
+            self.allocator.append({key: counts[key] - self.counts.get(key, 0) for key in counts})
+            self.counts = counts
             if self.profiler is not None and state.global_step == warmup + 2:
                 self.profiler.__exit__(None, None, None)
                 sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
@@ -207,6 +236,10 @@ def step_timer(warmup: int, profile: bool = False):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
                 self.losses.append(float(logs["loss"]))
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.on_gc in gc.callbacks:
+                gc.callbacks.remove(self.on_gc)
 
     return StepTimer()
 
@@ -219,7 +252,11 @@ def summarize(timer, warmup: int, samples_per_step: int) -> dict:
     result = {
         "steps_timed": len(steady),
         "s_per_step": s_per_step,
-        "step_times": timer.times,  # every step, the warm-up included, to show stalls
+        # Every step, the warm-up included, to show stalls, and what each step waited for (see step_timer).
+        "step_times": timer.times,
+        "data_wait_s": timer.data_wait,
+        "gc_pause_s": timer.gc_pause,
+        "allocator_events": timer.allocator,
         "samples_per_s": samples_per_step / s_per_step,
         "first_loss": timer.losses[0] if timer.losses else None,
         "last_loss": timer.losses[-1] if timer.losses else None,

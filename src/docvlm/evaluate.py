@@ -330,7 +330,7 @@ def run_eval(argv: list[str] | None = None) -> dict:
     from docvlm.config import UserError, parse_recipe
     from docvlm.data import load_splits
     from docvlm.hub import check_recipe_sources
-    from docvlm.modeling import load_model, load_processor, model_path, training_dtype
+    from docvlm.modeling import disable_cudnn_attention, load_model, load_processor, model_path, training_dtype
 
     data_args, model_args, training_args, eval_args = parse_recipe(argv)
     adapter = Path(eval_args.adapter or training_args.output_dir)
@@ -340,6 +340,8 @@ def run_eval(argv: list[str] | None = None) -> dict:
     path = model_path(model_args)
     train_rows, eval_rows = load_splits(data_args)
     processor = load_processor(model_args, str(adapter))
+    if not training_args.cudnn_attention:
+        disable_cudnn_attention()  # generation meets a new length at every token
     base = load_model(model_args, training_dtype(training_args), path, training_args.trust_remote_code)
     model = PeftModel.from_pretrained(base, str(adapter)).eval()
     return evaluate_model(

@@ -1,4 +1,5 @@
-"""Load the processor and the (4-bit) base model, describe the LoRA adapter, and keep trainable weights fp32."""
+"""Load the processor and the (4-bit) base model, describe the LoRA adapter, keep trainable weights fp32, and the
+memory and speed switches that patch a loaded model (frozen vision tower, connector) or set up CUDA."""
 
 from __future__ import annotations
 
@@ -180,9 +181,9 @@ def vision_tower(model):
     return None
 
 
-def frozen_vision_without_grad(model) -> bool:
-    """Run the vision tower under no_grad whenever none of its weights is trainable; returns whether the model
-    has a vision tower to patch.
+def frozen_vision_without_grad(model, pages_per_chunk: int = 0) -> bool:
+    """Run the vision tower under no_grad whenever none of its weights is trainable, `pages_per_chunk` pages at a
+    time (0: all at once); returns whether the model has a vision tower to patch.
 
     Gradient checkpointing makes transformers call `enable_input_require_grads`, which marks the output of every
     input-embedding layer as requiring grad, the vision tower's patch embeddings included. A frozen tower then
@@ -190,16 +191,41 @@ def frozen_vision_without_grad(model) -> bool:
     (~3x its forward FLOPs on ~3,800 patches a page) to produce gradients that no trainable weight receives.
     The LoRA gradients are the same either way. A recipe that adapts the tower (its LoRA targets reach into
     it) is left alone, since the check runs at every call.
+
+    Pages never interact in the tower, so running it a few pages at a time changes no output; it bounds the
+    tower's short-lived activations (~2 GB for 16 pages on Idefics2-8B), which otherwise stay cached by the CUDA
+    allocator in blocks that later, differently sized tensors cannot reuse.
     """
     tower = vision_tower(model)
     if tower is None:
         return False
     original = tower.forward
 
+    def in_chunks(pixel_values=None, patch_attention_mask=None, **kwargs):
+        pages = 0 if pixel_values is None else pixel_values.shape[0]
+        whole = kwargs.get("output_hidden_states") or kwargs.get("output_attentions")  # outputs kept as they are
+        if not pages_per_chunk or pages <= pages_per_chunk or whole:
+            return original(pixel_values=pixel_values, patch_attention_mask=patch_attention_mask, **kwargs)
+        outputs = [
+            original(
+                pixel_values=pixel_values[start : start + pages_per_chunk],
+                patch_attention_mask=None
+                if patch_attention_mask is None
+                else patch_attention_mask[start : start + pages_per_chunk],
+                **kwargs,
+            )
+            for start in range(0, pages, pages_per_chunk)
+        ]
+        output = outputs[0]
+        output.last_hidden_state = torch.cat([chunk.last_hidden_state for chunk in outputs])
+        return output
+
     def forward(*args, **kwargs):
         if torch.is_grad_enabled() and not any(p.requires_grad for p in tower.parameters()):
             with torch.no_grad():
-                return original(*args, **kwargs)
+                if args:  # positional calls are passed through whole
+                    return original(*args, **kwargs)
+                return in_chunks(**kwargs)
         return original(*args, **kwargs)
 
     tower.forward = forward
@@ -227,12 +253,123 @@ def use_expandable_segments() -> bool:
     return True
 
 
+def disable_cudnn_attention() -> bool:
+    """Keep scaled_dot_product_attention off cuDNN's backend; returns whether there was a GPU to set it for.
+
+    On H100s PyTorch prefers cuDNN's attention, which builds and caches an execution plan for each new set of
+    shapes. Document batches change length every step (questions and answers vary), and each plan costs
+    milliseconds of CPU time in every layer that meets it, while the GPU waits: on Idefics2-8B this showed as
+    cuDNN attention taking ~6 ms of CPU a call (docs/benchmarks.md). FlashAttention and the memory-efficient
+    kernel need no plans. The switch is process-wide, as torch offers it, so evaluation after training uses it too.
+    """
+    if not torch.cuda.is_available():
+        return False
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    return True
+
+
+class _RMSNormKeepingHalfInput(torch.autograd.Function):
+    """Idefics2's RMSNorm (statistics in fp32, output cast back, then scaled) that saves its half-precision input and
+    one fp32 scale a row for the backward pass, where autograd would save an fp32 copy of the whole input.
+
+    Written by hand because no library offers it for these modules: the perceiver normalises the ~3,800-patch context
+    of every page in each of its 3 layers, and those fp32 copies are ~180 MB a page on Idefics2-8B. What is saved
+    instead is the half-precision context, one tensor the three layers share (~30 MB a page). The forward pass is
+    the module's own, op for op.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, eps):
+        full = hidden.float()
+        scale = torch.rsqrt(full.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(hidden, weight, scale)
+        return weight * (full * scale).to(hidden.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, scale = ctx.saved_tensors
+        normed = hidden.float() * scale
+        grad_hidden = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_normed = (grad * weight).float()
+            grad_hidden = scale * (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True))
+            grad_hidden = grad_hidden.to(hidden.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad * normed.to(hidden.dtype)).reshape(-1, weight.shape[-1]).sum(0).to(weight.dtype)
+        return grad_hidden, grad_weight, None
+
+
+class _SiluTimes(torch.autograd.Function):
+    """silu(gate) * up that saves gate and up for the backward pass and recomputes silu(gate) there, instead of also
+    keeping silu(gate): one 14,336-wide activation (~100 MB) a page less in Idefics2's connector MLP. The same
+    kernels run, so forward and gradients are bit for bit autograd's."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return torch.nn.functional.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
+        grad_up = grad * torch.nn.functional.silu(gate) if ctx.needs_input_grad[1] else None
+        return grad_gate, grad_up
+
+
+SILU_MODULES = ("SiLU", "SiLUActivation")  # torch's, and transformers' own (its ACT2FN["silu"] since 5.x)
+
+
+def lean_connector_activations(model) -> bool:
+    """Make an Idefics2-style connector keep fewer activations for the backward pass (~0.28 GB a page less on
+    Idefics2-8B, a fifth of what it keeps); returns whether the model has such a connector.
+
+    Its RMSNorms keep their half-precision input instead of an fp32 copy, and its MLP keeps gate and up but not
+    silu(gate) (see the two functions above). Less memory a page is what lets the connector be recomputed several
+    pages at a time in the same memory. Only instance forwards are replaced: module names and weights are unchanged.
+    """
+    connector = getattr(getattr(model, "model", None), "connector", None)
+    if connector is None:
+        return False
+    for module in connector.modules():
+        if type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
+            module.forward = _lean_rms_norm(module)
+    mlp = getattr(connector, "modality_projection", None)
+    if mlp is not None and type(getattr(mlp, "act_fn", None)).__name__ in SILU_MODULES:
+        mlp.forward = _lean_gated_mlp(mlp)
+    return True
+
+
+def _lean_rms_norm(norm):
+    original = norm.forward
+
+    def forward(hidden):
+        if not torch.is_grad_enabled():
+            return original(hidden)
+        return _RMSNormKeepingHalfInput.apply(hidden, norm.weight, norm.variance_epsilon)
+
+    return forward
+
+
+def _lean_gated_mlp(mlp):
+    original = mlp.forward
+
+    def forward(hidden):
+        if not torch.is_grad_enabled():
+            return original(hidden)
+        # gate before up, as the module does, so that LoRA dropout draws its masks in the same order
+        gate = mlp.gate_proj(hidden)
+        return mlp.down_proj(_SiluTimes.apply(gate, mlp.up_proj(hidden)))
+
+    return forward
+
+
 def checkpoint_connector(model, pages_per_chunk: int = 1) -> bool:
     """Recompute an Idefics2-style connector in the backward pass, `pages_per_chunk` pages at a time, instead of
     keeping its activations; returns whether the model has a connector to patch.
 
     The connector (modality projection + perceiver resampler) carries LoRA and runs on every patch of a page
-    (~3,800 on Idefics2-8B, through a 14,336-wide MLP), so it keeps ~1.3 GB of activations a page, and HF's
+    (~3,800 on Idefics2-8B, through a 14,336-wide MLP), so it keeps ~1.3 GB of activations a page (~1 GB lean), and HF's
     gradient checkpointing does not cover it. Checkpointed, it keeps only its input (~9 MB a page) and
     recomputes one chunk at a time: larger chunks mean fewer, larger kernels and more memory at the recompute.
     The math is unchanged: pages never interact in the connector. The module tree is left as it is (only the

@@ -70,8 +70,10 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
     from docvlm.hub import check_recipe_sources
     from docvlm.modeling import (
         checkpoint_connector,
+        disable_cudnn_attention,
         frozen_vision_without_grad,
         keep_trainable_fp32,
+        lean_connector_activations,
         load_model,
         load_processor,
         lora_config,
@@ -92,9 +94,14 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
     processor = load_processor(model_args, path)
     if training_args.cuda_expandable_segments:
         use_expandable_segments()  # before the model takes its memory
+    if not training_args.cudnn_attention:
+        disable_cudnn_attention()
     model = load_model(model_args, training_dtype(training_args), path, training_args.trust_remote_code)
     if training_args.vision_tower_no_grad:
-        frozen_vision_without_grad(model)  # a model without a separate vision tower has nothing to skip
+        # a model without a separate vision tower has nothing to skip
+        frozen_vision_without_grad(model, training_args.vision_tower_pages)
+    if training_args.connector_lean_activations:
+        lean_connector_activations(model)  # a model without an Idefics2-style connector has nothing to change
     pages = training_args.connector_checkpoint_pages
     if training_args.connector_checkpointing and not checkpoint_connector(model, pages):
         raise UserError("connector_checkpointing is true, but this model has no Idefics2-style connector.")
