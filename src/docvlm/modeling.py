@@ -340,28 +340,24 @@ def lean_connector_activations(model) -> bool:
     return True
 
 
+def _when_training(module, lean):
+    """`module`'s forward, replaced by `lean` where autograd will keep activations; inference runs the original."""
+    original = module.forward
+    return lambda hidden: lean(hidden) if torch.is_grad_enabled() else original(hidden)
+
+
 def _lean_rms_norm(norm):
-    original = norm.forward
-
-    def forward(hidden):
-        if not torch.is_grad_enabled():
-            return original(hidden)
-        return _RMSNormKeepingHalfInput.apply(hidden, norm.weight, norm.variance_epsilon)
-
-    return forward
+    eps = norm.variance_epsilon
+    return _when_training(norm, lambda hidden: _RMSNormKeepingHalfInput.apply(hidden, norm.weight, eps))
 
 
 def _lean_gated_mlp(mlp):
-    original = mlp.forward
-
     def forward(hidden):
-        if not torch.is_grad_enabled():
-            return original(hidden)
         # gate before up, as the module does, so that LoRA dropout draws its masks in the same order
         gate = mlp.gate_proj(hidden)
         return mlp.down_proj(_SiluTimes.apply(gate, mlp.up_proj(hidden)))
 
-    return forward
+    return _when_training(mlp, forward)
 
 
 def checkpoint_connector(model, pages_per_chunk: int = 1) -> bool:
