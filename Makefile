@@ -20,7 +20,7 @@ ifndef HAS_GPU
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1073741824
 endif
 
-.PHONY: install train eval bench test lint format clean
+.PHONY: install train eval bench bench-cpu test lint format clean
 
 install: $(VENV)/.installed
 
@@ -41,6 +41,10 @@ eval: install
 # GPU: the notebook's setup against our recipes on Idefics2-8B's architecture (docs/benchmarks.md).
 bench: install
 	$(BIN)/python -m docvlm.bench $(ARGS)
+
+# CPU: the embedded default alone and beside one busy process, under each OpenMP wait policy (docs/cpu_threads.md).
+bench-cpu: install
+	$(BIN)/python -m docvlm.bench_cpu $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest $(ARGS)

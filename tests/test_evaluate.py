@@ -2,7 +2,17 @@ import json
 
 import pytest
 
-from docvlm.evaluate import anls, exact_match, levenshtein, normalize, plot_loss, question_only_baseline, summarize
+from docvlm.evaluate import (
+    anls,
+    exact_match,
+    levenshtein,
+    loss_figure,
+    normalize,
+    plot_loss,
+    question_only_baseline,
+    summarize,
+    terminal_summary,
+)
 
 
 @pytest.mark.parametrize(
@@ -72,3 +82,25 @@ def test_loss_plot(tmp_path):
     )
     assert plot_loss(state, tmp_path / "loss.png")
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_loss_figure_is_log_scaled_and_shows_eval_points():
+    history = [{"step": s, "loss": 10.0 / s} for s in range(1, 101)] + [{"step": 50, "eval_loss": 0.3}]
+    fig = loss_figure(history)
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log"  # a fall from 10 to 0.1 stays readable over the whole run
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert labels == ["train loss", "eval loss"]
+    assert list(ax.get_lines()[1].get_xdata()) == [50]
+    assert loss_figure([{"step": 1, "eval_loss": 1.0}]) is None
+
+
+def test_terminal_summary_is_plain_text_with_the_report_path(tmp_path):
+    summary = summarize(
+        [{"before_anls": 0.0, "before_em": 0.0, "after_anls": 1.0, "after_em": 1.0, "after_stopped": True}],
+        ["before", "after"],
+    )
+    text = terminal_summary(summary, {"dataset": "d", "split": "test"}, tmp_path)
+    assert "![" not in text and "|" not in text
+    assert "after (base + adapter)" in text and "ANLS 1.000" in text and "stopped 100%" in text
+    assert text.splitlines()[-1] == f"Full report: {tmp_path / 'report.md'}"

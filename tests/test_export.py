@@ -33,30 +33,39 @@ def test_training_ends_with_a_before_after_report(trained):
     assert len(lines) == 8 and {"question", "answers", "before", "after", "after_anls"} <= set(json.loads(lines[0]))
 
 
-def test_merged_model_gives_the_same_greedy_answers_as_base_plus_adapter(trained, tmp_path):
-    from peft import PeftModel
+def test_merged_model_gives_the_same_greedy_answers_as_the_adapter_on_its_4bit_base(trained, tmp_path):
+    """The default merge folds the adapter into the dequantized 4-bit weights it was trained on, so the merged
+    model answers as the trained adapter does, and its card may carry the adapter's numbers."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from docvlm.evaluate import generate
+    from docvlm.export import load_for_inference
 
     out, _, _ = trained
     merged_dir = tmp_path / "merged"
     assert cli(["merge", "--adapter", str(out), "--out", str(merged_dir), "--dtype", "float32"]) == 0
     assert (merged_dir / "model.safetensors").is_file() and not (merged_dir / "adapter_config.json").exists()
+    assert (merged_dir / "adapter_report.json").is_file() and not (merged_dir / "report.json").exists()
     card = (merged_dir / "README.md").read_text()
     assert "docvlm:tiny-idefics2" in card and "docvlm:tiny-docs" in card and "ANLS" in card
+    assert "dequantization of the 4-bit base" in card and "not on this folder's weights" in card
 
     rows = held_out(10)
     images, questions = [r["image"] for r in rows], [r["question"] for r in rows]
     processor = AutoProcessor.from_pretrained(merged_dir)
-    merged = AutoModelForImageTextToText.from_pretrained(merged_dir, dtype=torch.float32)  # no peft involved
-    from docvlm import tiny
-
-    base = AutoModelForImageTextToText.from_pretrained(tiny.resolve(tiny.TINY_MODEL), dtype=torch.float32)
-    adapted = PeftModel.from_pretrained(base, str(out))
-    want = generate(adapted, processor, images, questions, "Answer briefly.", 12, 4)
-    got = generate(merged, processor, images, questions, "Answer briefly.", 12, 4)
+    merged = AutoModelForImageTextToText.from_pretrained(merged_dir, dtype=torch.float32)  # no peft, no 4-bit
+    adapted, adapter_processor, instruction, _ = load_for_inference(adapter=str(out))  # 4-bit base + adapter
+    want = generate(adapted, adapter_processor, images, questions, instruction, 12, 4)
+    got = generate(merged, processor, images, questions, instruction, 12, 4)
     assert [a["answer"] for a in got] == [a["answer"] for a in want]
+
+
+def test_merge_into_the_original_weights_says_so(trained, tmp_path):
+    out, _, _ = trained
+    merged_dir = tmp_path / "merged-original"
+    assert cli(["merge", "--adapter", str(out), "--out", str(merged_dir), "--base", "original"]) == 0
+    card = (merged_dir / "README.md").read_text()
+    assert "original float32 weights" in card and "its answers differ from the adapter's" in card
 
 
 def test_predict_prints_only_the_answer(trained, tmp_path):
@@ -159,6 +168,31 @@ def test_push_uses_the_environment_token_only(tmp_path, monkeypatch):
     assert calls["repo"] == ("me/model", {"private": True, "exist_ok": True})
     assert calls["upload"]["folder_path"] == str(tmp_path) and "checkpoint-*" in calls["upload"]["ignore_patterns"]
     assert "token" not in calls["upload"]
+
+
+def test_push_without_network_is_a_clear_error(tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+
+    from docvlm import export
+
+    def unreachable(self, *args, **kwargs):
+        raise ConnectionRefusedError("[Errno 111] Connection refused")
+
+    monkeypatch.setattr(HfApi, "create_repo", unreachable)
+    monkeypatch.setenv("HF_TOKEN", "hf_" + "b" * 34)
+    with pytest.raises(
+        UserError, match="Could not reach the Hugging Face Hub.*ConnectionRefusedError.*nothing was pushed"
+    ):
+        export.push(str(tmp_path), "me/model")
+    # the real client in a fresh process, against a closed local port
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    run = subprocess.run(
+        [sys.executable, "-m", "docvlm", "push", "--folder", str(tmp_path), "--repo_id", "me/model"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2 and "Traceback" not in run.stderr and "Could not reach" in run.stderr, run.stderr
 
 
 def test_push_to_hub_without_repo_id_fails_before_training(tmp_path):

@@ -110,3 +110,26 @@ def test_resume_from_latest_checkpoint(trained, tmp_path):
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert main(quick(tmp_path, "--resume_from_checkpoint", "latest", "--max_steps", "1")) == 2
     assert "holds no checkpoint" in capsys.readouterr().err
+
+
+def test_run_folder_and_checkpoints_carry_docvlms_card_with_the_evaluation(trained):
+    out, _, _ = trained
+    card = (out / "README.md").read_text()
+    report = json.loads((out / "report.json").read_text())
+    assert "# LoRA adapter for `docvlm:tiny-idefics2`" in card
+    assert f"| base + this adapter | {report['systems']['after']['anls']:.3f} |" in card
+    for boilerplate in ("[None]", "licence", "text-generation", "Model Card for Model ID"):
+        assert boilerplate not in card
+    # peft writes a blank template into each checkpoint; the run's card replaces it
+    assert "Model Card for Model ID" not in (out / "checkpoint-4" / "README.md").read_text()
+
+
+def test_the_run_ends_by_saying_where_everything_is(trained):
+    from docvlm.train import where_things_are
+
+    out, _, _ = trained
+    text = where_things_are(out, ["tensorboard"], page_hint=True)
+    assert text.startswith(f"Done. Everything is in {out}/")
+    assert "adapter_model.safetensors" in text and "report.md" in text
+    assert f"tensorboard --logdir {out / 'runs'}" in text and f"docvlm predict --adapter {out}" in text
+    assert "--export-pages" in text and "--export-pages" not in where_things_are(out, [], page_hint=False)

@@ -1,14 +1,19 @@
-"""The `docvlm` command: one entry point for the package's jobs."""
+"""The `docvlm` command: one entry point for the package's jobs.
+
+Only the standard library is imported at the top: torch, transformers and TRL take seconds to import, and `--help`
+or a usage error should answer at once. Each command imports what it needs when it runs.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-from docvlm.config import UserError
+from docvlm.errors import UserError
 
 USAGE = """docvlm <command> [args]
 
@@ -19,12 +24,18 @@ commands:
   merge     fold an adapter into 16-bit base weights: docvlm merge --adapter DIR --out DIR
   push      upload a run or merged folder to the Hub: docvlm push --folder DIR --repo_id you/name
   launch    `accelerate launch` with the same arguments, exiting with the job's status and no launcher traceback
-  fixtures  build the offline tiny model and synthetic documents now, and print where they are
+  fixtures  build the offline tiny model and synthetic documents and print where they are;
+            --export-pages DIR writes a few held-out pages as PNG files to try `predict` on
+
+`docvlm <command> --help` says more about each.
 """
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from docvlm.runtime import quiet_third_party_noise
+
+    quiet_third_party_noise()
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
@@ -52,6 +63,8 @@ def launch(argv: list[str]) -> int:
     from accelerate.commands.launch import launch_command, launch_command_parser
 
     args = launch_command_parser().parse_args(argv)
+    if args.num_cpu_threads_per_process is None and "OMP_NUM_THREADS" not in os.environ:
+        args.num_cpu_threads_per_process = _cpu_threads_per_process(args)
     try:
         launch_command(args)
     except subprocess.CalledProcessError as err:
@@ -59,15 +72,32 @@ def launch(argv: list[str]) -> int:
     return 0
 
 
+def _cpu_threads_per_process(args) -> int | None:
+    """For a CPU launch, the thread count accelerate would pick (physical cores / processes per machine), given
+    explicitly so that accelerate does not warn that it picked it. None for GPU launches (accelerate's own)."""
+    import psutil
+    import yaml
+
+    config = {}
+    if args.config_file and Path(args.config_file).is_file():
+        config = yaml.safe_load(Path(args.config_file).read_text()) or {}
+    if not (args.cpu or config.get("use_cpu")):
+        return None
+    processes = args.num_processes or config.get("num_processes") or 1
+    machines = args.num_machines or config.get("num_machines") or 1
+    return max(1, (psutil.cpu_count(logical=False) or 1) // max(1, processes // machines))
+
+
+EVAL_PREFACE = """usage: docvlm eval --config recipes/<recipe>.yaml [--adapter DIR] [--<field> <value> ...]
+
+Answer the recipe's held-out split with the base model and with base + adapter, and write predictions.jsonl,
+report.json, report.md (and loss.png) into the adapter folder (--adapter, default: the recipe's output_dir)."""
+
+
 def evaluate(argv: list[str]) -> int:
-    if any(a in ("-h", "--help") for a in argv):
-        print(
-            "usage: docvlm eval --config recipes/<recipe>.yaml [--adapter DIR] [--<field> <value> ...]\n\n"
-            "Answers the recipe's held-out split with the base model and with base + adapter, and writes\n"
-            "predictions.jsonl, report.json, report.md (and loss.png) into the adapter folder.\n"
-            "The adapter defaults to the recipe's output_dir; `docvlm train --help` lists the other fields."
-        )
-        return 0
+    from docvlm.recipe_help import exit_on_help
+
+    exit_on_help(argv, EVAL_PREFACE)
     from docvlm.evaluate import run_eval
 
     run_eval(argv)
@@ -174,7 +204,7 @@ def predict(argv: list[str]) -> int:
 def merge(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="docvlm merge",
-        description="Reload the base model in 16/32-bit (not 4-bit), merge the adapter into it, and save "
+        description="Merge the adapter into 16/32-bit base weights (not 4-bit) and save one standalone model: "
         "safetensors, the processor, the recipe and a model card.",
     )
     parser.add_argument("--adapter", required=True, help="a training output folder")
@@ -185,10 +215,18 @@ def merge(argv: list[str]) -> int:
         choices=["auto", "bfloat16", "float16", "float32"],
         help="weights dtype (auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU)",
     )
+    parser.add_argument(
+        "--base",
+        default="dequantized",
+        choices=["dequantized", "original"],
+        help="dequantized: merge into the 4-bit weights the adapter was trained on, dequantized, so the merged model "
+        "answers as base + adapter did. original: into the base's own 16-bit weights, which the adapter never saw "
+        "(answers differ). A base trained unquantized is always merged as is.",
+    )
     args = parser.parse_args(argv)
     from docvlm.export import merge as merge_adapter
 
-    print(f"merged model written to {merge_adapter(args.adapter, args.out, args.dtype)}")
+    print(f"merged model written to {merge_adapter(args.adapter, args.out, args.dtype, args.base)}")
     return 0
 
 
@@ -211,11 +249,28 @@ def push(argv: list[str]) -> int:
 
 
 def fixtures(argv: list[str]) -> int:
-    argparse.ArgumentParser(prog="docvlm fixtures", description="Build the offline fixtures.").parse_args(argv)
+    parser = argparse.ArgumentParser(
+        prog="docvlm fixtures",
+        description="Build the offline tiny model and synthetic documents (once; they are cached) and print where "
+        "they are.",
+    )
+    parser.add_argument(
+        "--export-pages",
+        metavar="DIR",
+        help="also write held-out pages as DIR/page-000.png... and DIR/questions.jsonl ({image, question, answers} "
+        "lines), ready for `docvlm predict --input DIR/questions.jsonl`",
+    )
+    parser.add_argument("--count", type=int, default=5, help="how many pages --export-pages writes (default: 5)")
+    args = parser.parse_args(argv)
+    if args.count < 1:
+        parser.error("--count must be at least 1")
     from docvlm import tiny
 
     for name in (tiny.TINY_MODEL, tiny.TINY_DATASET):
         print(f"{name}: {tiny.resolve(name)}")
+    if args.export_pages:
+        questions = tiny.export_pages(Path(args.export_pages), args.count)
+        print(f"{args.count} held-out pages and their questions written to {questions}")
     return 0
 
 

@@ -17,9 +17,7 @@ from typing import Literal
 import yaml
 from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
-
-class UserError(Exception):
-    """A problem the user can fix (bad recipe, missing column, unreachable Hub...). Printed without a traceback."""
+from docvlm.errors import UserError  # noqa: F401 - re-exported: modules import it from here
 
 
 @dataclass
@@ -37,7 +35,7 @@ class DataArguments(ScriptArguments):
     )
     answer_choice: Literal["first", "random"] = field(
         default="random",
-        metadata={"help": "With several gold answers, train on the first one or a random one each time."},
+        metadata={"help": "With several gold answers, train on the first or a random one each time."},
     )
     instruction: str = field(
         default="Answer briefly.", metadata={"help": "Text placed before the image in every user turn."}
@@ -55,10 +53,10 @@ class ModelArguments(ModelConfig):
 
     dtype: str = field(
         default="auto",
-        metadata={"help": "Weights dtype for the non-quantized modules; 'auto' follows the training precision."},
+        metadata={"help": "Dtype of the non-quantized weights; auto follows the training precision."},
     )
     do_image_splitting: bool = field(
-        default=False, metadata={"help": "Idefics2: also encode 4 crops of each page (5x the image tokens)."}
+        default=False, metadata={"help": "Idefics2: also encode 4 crops of every page (5x image tokens)."}
     )
     image_longest_edge: int | None = field(
         default=None, metadata={"help": "Resize pages so their longest edge is at most this (None: processor's)."}
@@ -77,7 +75,8 @@ class ModelArguments(ModelConfig):
         metadata={"help": "A regex over full module names to adapt; replaces lora_target_modules when set."},
     )
     lora_init: str = field(
-        default="gaussian", metadata={"help": "LoRA init: gaussian, true (Kaiming-uniform A), pissa, olora..."}
+        default="gaussian",
+        metadata={"help": "PEFT's init_lora_weights: gaussian, true (Kaiming-uniform), pissa, olora..."},
     )
 
 
@@ -111,31 +110,31 @@ class TrainConfig(SFTConfig):
         default=1,
         metadata={
             "help": "Pages recomputed together under connector_checkpointing: more is faster (fewer, larger "
-            "kernels) and holds more memory during the recompute (~1 GB a page on Idefics2-8B)."
+            "kernels) but holds more memory in the recompute (~1 GB a page on Idefics2-8B)."
         },
     )
     connector_lean_activations: bool = field(
         default=True,
         metadata={
-            "help": "Let the vision-language connector keep fewer activations for the backward pass: RMSNorms keep "
-            "their half-precision input rather than an fp32 copy, and silu(gate)*up keeps only gate and up "
-            "(~0.28 GB a page less on Idefics2-8B). Same forward pass, same gradients."
+            "help": "Keep fewer connector activations for the backward pass: RMSNorms keep their half-precision "
+            "input, not an fp32 copy, and silu(gate)*up keeps only gate and up (~0.28 GB a page less on "
+            "Idefics2-8B). Same outputs and gradients."
         },
     )
     vision_tower_no_grad: bool = field(
         default=True,
         metadata={
-            "help": "Run a vision tower that has no trainable weights without an autograd graph. Otherwise "
-            "gradient checkpointing makes the frozen tower recompute and back-propagate every step for nothing "
-            "(~3x its FLOPs, and its activations). Same gradients."
+            "help": "Run a frozen vision tower without an autograd graph: otherwise gradient checkpointing "
+            "recomputes it and back-propagates through it every step for nothing (~3x its FLOPs, and its "
+            "activations). Same gradients."
         },
     )
     vision_tower_pages: int = field(
         default=0,
         metadata={
-            "help": "With vision_tower_no_grad, run the frozen vision tower this many pages at a time (0: all at "
-            "once). Same outputs; bounds its short-lived activations (~2 GB for 16 pages on Idefics2-8B), which "
-            "the CUDA allocator otherwise keeps cached in blocks that later tensors cannot reuse."
+            "help": "With vision_tower_no_grad, run the frozen tower this many pages at a time (0: all at once). "
+            "Same outputs; bounds its short-lived activations (~2 GB for 16 pages on Idefics2-8B), which would "
+            "otherwise fragment the CUDA cache."
         },
     )
     cuda_expandable_segments: bool = field(
@@ -148,13 +147,15 @@ class TrainConfig(SFTConfig):
     cudnn_attention: bool = field(
         default=True,
         metadata={
-            "help": "Let PyTorch's scaled_dot_product_attention pick cuDNN's kernel on the GPUs that have it. cuDNN "
-            "builds a plan for every new sequence length, CPU time that batches of varying length pay again and "
-            "again; false uses FlashAttention / memory-efficient kernels instead. Same math."
+            "help": "Let scaled_dot_product_attention use cuDNN's kernel on GPUs that have it. cuDNN plans each new "
+            "sequence length, CPU time that batches of varying length pay again and again; false: FlashAttention "
+            "or memory-efficient kernels. Same math."
         },
     )
     # Our collator reads the mapped question/answers columns, which TRL would otherwise drop.
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep False: the collator needs them."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep false: docvlm's collator reads the question and answers columns."}
+    )
 
     def __post_init__(self):
         if self.connector_checkpoint_pages < 1:
@@ -167,6 +168,16 @@ class TrainConfig(SFTConfig):
             self.dataloader_persistent_workers = False
         if self.precision != "auto" or not (self.bf16 or self.fp16):
             self.bf16, self.fp16 = resolve_precision(self.precision, use_cpu=self.use_cpu)
+        if self.dataloader_pin_memory and not _cuda_available(self.use_cpu):
+            self.dataloader_pin_memory = False  # pinned memory only speeds copies to a GPU; torch warns without one
+        for old, new in (
+            ("gradient_checkpointing", "activation_checkpointing"),
+            ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"),
+        ):
+            # newer transformers renamed these and warns when only the old name is set, which TRL's SFTConfig
+            # always does; recipes keep the old name, which every supported version reads.
+            if hasattr(self, new) and getattr(self, new) is None and getattr(self, old) is not None:
+                setattr(self, new, getattr(self, old))
         super().__post_init__()
 
 
@@ -182,8 +193,15 @@ class EvalArguments:
     )
     eval_max_new_tokens: int = field(default=32, metadata={"help": "Longest answer generated, in tokens."})
     adapter: str | None = field(
-        default=None, metadata={"help": "docvlm eval: the adapter folder to evaluate (default: output_dir)."}
+        default=None,
+        metadata={"help": "docvlm eval: the adapter folder to evaluate (unset: the recipe's output_dir)."},
     )
+
+
+def _cuda_available(use_cpu: bool) -> bool:
+    import torch
+
+    return not use_cpu and torch.cuda.is_available()
 
 
 def resolve_precision(precision: str, use_cpu: bool = False) -> tuple[bool, bool]:
@@ -241,6 +259,9 @@ def load_recipe_yaml(path: str | Path) -> dict:
 def parse_recipe(argv: list[str] | None = None):
     """Parse `--config recipe.yaml` plus CLI overrides into (data, model, training, eval) arguments."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    from docvlm.recipe_help import exit_on_help
+
+    exit_on_help(argv)  # ours, not HfArgumentParser's 840 lines
     if "--config" in argv:
         index = argv.index("--config")
         if index + 1 >= len(argv):

@@ -147,29 +147,43 @@ def score_items(items: list[dict], system: str, predictions: list[dict]) -> None
             item[f"{system}_stopped"] = pred["stopped"]
 
 
-def plot_loss(trainer_state: Path, out_png: Path) -> bool:
-    """Train (and eval) loss against step, from trainer_state.json; False when there is nothing to plot."""
-    if not trainer_state.is_file():
-        return False
-    history = json.loads(trainer_state.read_text()).get("log_history", [])
-    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
-    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+def loss_figure(log_history: list[dict]):
+    """Train (and eval) loss against step, or None when nothing was logged.
+
+    The loss falls by orders of magnitude (~10 for a random model to ~0.1), so the y axis is logarithmic: on a
+    linear one the whole second half of a run is a flat line at the bottom."""
+    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
     if not train:
-        return False
+        return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot(*zip(*train, strict=True), label="train loss")
+    ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1)
     if evals:
-        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
+        ax.plot(*zip(*evals, strict=True), "o", label="eval loss", markersize=5)
+    if all(loss > 0 for _, loss in train + evals):
+        ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
+    ax.set_ylabel("loss (log scale)" if ax.get_yscale() == "log" else "loss")
+    ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
+    return fig
+
+
+def plot_loss(trainer_state: Path, out_png: Path) -> bool:
+    """loss.png from trainer_state.json; False when there is nothing to plot."""
+    if not trainer_state.is_file():
+        return False
+    fig = loss_figure(json.loads(trainer_state.read_text()).get("log_history", []))
+    if fig is None:
+        return False
+    import matplotlib.pyplot as plt
+
     fig.savefig(out_png)
     plt.close(fig)
     return True
@@ -308,8 +322,22 @@ def evaluate_model(
         "device": str(next(model.parameters()).device),
     }
     summary = summarize(items, systems)
-    print(write_report(out_dir, items, summary, meta))
+    write_report(out_dir, items, summary, meta)
+    print(terminal_summary(summary, meta, out_dir))
     return {**meta, **summary}
+
+
+def terminal_summary(summary: dict, meta: dict, out_dir: Path) -> str:
+    """The report's headline for the terminal: plain aligned text, with the full report's path."""
+    lines = [
+        f"Evaluation: {summary['count']} held-out questions from {meta.get('dataset')} (split {meta.get('split')})"
+    ]
+    for system, scores in summary["systems"].items():
+        stopped = f"  stopped {scores['stopped']:.0%}" if "stopped" in scores else ""
+        title = SYSTEM_TITLES.get(system, system)
+        lines.append(f"  {title:<32} ANLS {scores['anls']:.3f}  exact match {scores['exact_match']:.3f}{stopped}")
+    lines.append(f"Full report: {Path(out_dir) / 'report.md'}")
+    return "\n".join(lines)
 
 
 def report_meta(data_args, model_args, adapter_dir: Path) -> dict:

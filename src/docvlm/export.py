@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
-import torch
 import yaml
 
-from docvlm.config import DataArguments, EvalArguments, ModelArguments, UserError
+from docvlm.config import DataArguments, EvalArguments, ModelArguments
+from docvlm.errors import UserError
 
 RECIPE_FILE = "recipe.yaml"
 
@@ -56,22 +55,37 @@ def load_for_inference(adapter: str | None = None, model: str | None = None):
     return network.eval(), processor, data_args.instruction, eval_args.eval_max_new_tokens
 
 
-def merge(adapter: str, out: str, dtype: str = "auto") -> Path:
-    """Reload the base in 16/32-bit (not 4-bit), fold the adapter in, save safetensors + processor + model card."""
+MERGE_BASES = ("dequantized", "original")
+
+
+def merge(adapter: str, out: str, dtype: str = "auto", base: str = "dequantized") -> Path:
+    """Fold the adapter into 16/32-bit base weights and save safetensors + processor + recipe + model card.
+
+    base='dequantized' merges into the dequantized 4-bit weights the adapter was trained on, so the merged model
+    answers as base + adapter did; 'original' merges into the base's own 16-bit weights, which the adapter never
+    saw (QLoRA adapters lose some of what they learned that way)."""
     from peft import PeftModel
 
+    from docvlm.card import merged_card
     from docvlm.modeling import inference_dtype, load_model, load_processor, model_path, resolve_dtype
 
+    if base not in MERGE_BASES:
+        raise UserError(f"--base must be one of {', '.join(MERGE_BASES)}, got '{base}'.")
     adapter_dir, out_dir = Path(adapter), Path(out)
     if out_dir.resolve() == adapter_dir.resolve():
         raise UserError("--out must be a new folder, not the adapter folder.")
     model_args, data_args, _ = read_run_recipe(adapter_dir)
-    base = model_path(model_args)
+    base_path = model_path(model_args)
     weights_dtype = resolve_dtype(dtype, inference_dtype())
-    plain = ModelArguments(
-        model_revision=model_args.model_revision, dtype="auto", attn_implementation=model_args.attn_implementation
-    )
-    network = load_model(plain, weights_dtype, base, quantize=False)
+    quantized = model_args.load_in_4bit or model_args.load_in_8bit
+    if base == "dequantized" and quantized:
+        # the same quantization as in training, then back to plain Linear layers holding the rounded weights
+        network = load_model(model_args, weights_dtype, base_path).dequantize()
+    else:
+        plain = ModelArguments(
+            model_revision=model_args.model_revision, dtype="auto", attn_implementation=model_args.attn_implementation
+        )
+        network = load_model(plain, weights_dtype, base_path, quantize=False)
     merged = PeftModel.from_pretrained(network, str(adapter_dir)).merge_and_unload()
     out_dir.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out_dir, safe_serialization=True)
@@ -79,69 +93,39 @@ def merge(adapter: str, out: str, dtype: str = "auto") -> Path:
     shutil.copy(adapter_dir / RECIPE_FILE, out_dir / RECIPE_FILE)
     report = adapter_dir / "report.json"
     if report.is_file():
-        shutil.copy(report, out_dir / "report.json")
-    (out_dir / "README.md").write_text(model_card(model_args, data_args, adapter_dir, weights_dtype))
+        shutil.copy(report, out_dir / "adapter_report.json")  # named for what it measured: the adapter
+    dtype_name = str(weights_dtype).removeprefix("torch.")
+    merged_base = base if quantized else "original"
+    (out_dir / "README.md").write_text(merged_card(model_args, data_args, adapter_dir, dtype_name, merged_base))
     return out_dir
-
-
-def model_card(model_args: ModelArguments, data_args: DataArguments, adapter_dir: Path, dtype: torch.dtype) -> str:
-    base = model_args.model_name_or_path
-    lines = [
-        "---",
-        "library_name: transformers",
-        "pipeline_tag: image-text-to-text",
-        *([f"base_model: {base}"] if base and "/" in base and not base.startswith(("/", ".", "docvlm:")) else []),
-        "tags: [docvlm, document-question-answering, lora, merged]",
-        "---",
-        "",
-        f"# {base} fine-tuned for document question answering",
-        "",
-        f"- Base model: `{base}`",
-        f"- Fine-tuned with docvlm: QLoRA r={model_args.lora_r}, alpha={model_args.lora_alpha}; "
-        f"the adapter was merged into {str(dtype).removeprefix('torch.')} weights.",
-        f"- Data: `{data_args.dataset_name}` (train split `{data_args.dataset_train_split}`, "
-        f"question `{data_args.question_column}`, answers `{data_args.answers_column}`).",
-        f"- Prompt: user turn `{data_args.instruction}` + page + question; the answer ends with <end_of_utterance>.",
-        f"- The full recipe is in `{RECIPE_FILE}`.",
-    ]
-    report = adapter_dir / "report.json"
-    if report.is_file():
-        data = json.loads(report.read_text())
-        lines += [
-            "",
-            f"## Evaluation ({data.get('count')} held-out questions, split `{data.get('split')}`)",
-            "",
-            "| system | ANLS | exact match |",
-            "|---|---|---|",
-        ]
-        for system, scores in data.get("systems", {}).items():
-            lines.append(f"| {system} | {scores['anls']:.3f} | {scores['exact_match']:.3f} |")
-        lines += [
-            "",
-            "The adapter was trained on a 4-bit base; merged into unquantized weights, answers can differ "
-            "slightly from the adapter's.",
-        ]
-    lines += [
-        "",
-        "## Use",
-        "",
-        "```bash",
-        'docvlm predict --model <this folder> --image page.png --question "What is the total?"',
-        "```",
-    ]
-    return "\n".join(lines) + "\n"
 
 
 def push(folder: str, repo_id: str, private: bool = True) -> str:
     """Upload a run or merged folder. The token comes from HF_TOKEN or the `hf auth login` store, never from
     arguments, so it is never written into the folder, the logs or the shell history."""
     from huggingface_hub import HfApi, get_token
+    from huggingface_hub.errors import HfHubHTTPError
 
     if get_token() is None:
         raise UserError("No Hub token: set HF_TOKEN or run `hf auth login` first.")
     api = HfApi()
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    commit = api.upload_folder(
-        folder_path=folder, repo_id=repo_id, ignore_patterns=["checkpoint-*", "*.bin"], commit_message="docvlm: upload"
-    )
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        commit = api.upload_folder(
+            folder_path=folder,
+            repo_id=repo_id,
+            ignore_patterns=["checkpoint-*", "*.bin"],
+            commit_message="docvlm: upload",
+        )
+    except HfHubHTTPError as err:
+        status = getattr(err.response, "status_code", None)
+        raise UserError(
+            f"The Hub refused the upload to {repo_id} (HTTP {status}): check that the token in HF_TOKEN or "
+            "`hf auth login` can write to that namespace."
+        ) from None
+    except Exception as err:  # noqa: BLE001 - a connection or timeout error means the same thing to the user
+        raise UserError(
+            f"Could not reach the Hugging Face Hub to upload {folder} ({type(err).__name__}); nothing was pushed. "
+            "Check the network (or HF_ENDPOINT) and run the same command again."
+        ) from None
     return getattr(commit, "commit_url", str(commit))

@@ -8,6 +8,7 @@ and `nielsr/docvqa_1200_examples`. A recipe names them with the `docvlm:` prefix
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
 import random
@@ -20,7 +21,7 @@ TINY_DATASET = "docvlm:tiny-docs"
 PREFIX = "docvlm:"
 
 # Bump when the fixture's recipe changes, so stale caches are rebuilt rather than reused.
-FIXTURE_VERSION = "10"
+FIXTURE_VERSION = "11"
 
 # Idefics2's chat template, as shipped in the model's processor config.
 IDEFICS2_CHAT_TEMPLATE = (
@@ -315,7 +316,32 @@ def build_tiny_dataset(out_dir: Path) -> None:
     )
     for split, n, seed in (("train", TINY_TRAIN_SIZE, 1), ("test", TINY_TEST_SIZE, 2)):
         Dataset.from_list(make_rows(n, seed), features=features).to_parquet(str(out_dir / f"{split}.parquet"))
+    # A dataset card with a metadata block: without one, `datasets` logs "Repo card metadata block was not found".
     (out_dir / "README.md").write_text(
+        "---\npretty_name: docvlm tiny documents\nlicense: apache-2.0\n---\n\n"
         "Synthetic documents rendered by docvlm.tiny (invoices, receipts, order forms) in DocVQA's schema.\n"
     )
     (out_dir / "fixture.json").write_text(json.dumps({"train": TINY_TRAIN_SIZE, "test": TINY_TEST_SIZE}))
+
+
+def export_pages(out_dir: Path, count: int) -> Path:
+    """Write the first `count` held-out pages as PNG files with a questions.jsonl beside them, to try `predict` on.
+
+    They come from the test split, which training never sees. Returns the questions.jsonl path."""
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    table = pq.read_table(Path(resolve(TINY_DATASET)) / "test.parquet", columns=["image", "query", "answers"])
+    rows = table.slice(0, count).to_pylist()
+    if len(rows) < count:
+        raise ValueError(f"The held-out split has {len(rows)} pages; ask for at most that many.")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for index, row in enumerate(rows):
+        name = f"page-{index:03d}.png"
+        with Image.open(io.BytesIO(row["image"]["bytes"])) as page:
+            page.save(out_dir / name)
+        lines.append(json.dumps({"image": name, "question": row["query"]["en"], "answers": row["answers"]}))
+    questions = out_dir / "questions.jsonl"
+    questions.write_text("\n".join(lines) + "\n")
+    return questions

@@ -12,9 +12,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-import yaml
-
-from docvlm.config import UserError, parse_recipe
+from docvlm.errors import UserError
 
 
 def resolve_checkpoint(value: str | None, output_dir: str) -> str | None:
@@ -35,6 +33,8 @@ def resolve_checkpoint(value: str | None, output_dir: str) -> str | None:
 
 def save_resolved_recipe(path: Path, *arg_groups) -> None:
     """Write every field that was in effect, so a run can be reproduced; secrets are never written."""
+    import yaml
+
     resolved = {}
     for group in arg_groups:
         resolved.update(asdict(group))
@@ -64,7 +64,10 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
     """Train from a recipe; returns the trainer and the final metrics. `callbacks`: extra TrainerCallbacks."""
     from transformers import set_seed
 
+    from docvlm import tiny
+    from docvlm.card import adapter_card
     from docvlm.collator import DocVQACollator
+    from docvlm.config import parse_recipe
     from docvlm.data import load_splits
     from docvlm.evaluate import evaluate_model, report_meta
     from docvlm.hub import check_recipe_sources
@@ -106,6 +109,7 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
     if training_args.connector_checkpointing and not checkpoint_connector(model, pages):
         raise UserError("connector_checkpointing is true, but this model has no Idefics2-style connector.")
 
+    output_dir = Path(training_args.output_dir)
     trainer = DocVLMTrainer(
         model=model,
         args=training_args,
@@ -121,9 +125,9 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
         ),
         peft_config=lora_config(model_args),
         callbacks=callbacks,
+        model_card=lambda: adapter_card(model_args, data_args, output_dir),
     )
     keep_trainable_fp32(trainer.model)
-    output_dir = Path(training_args.output_dir)
     if trainer.accelerator.is_main_process:
         save_resolved_recipe(output_dir / "recipe.yaml", data_args, model_args, training_args, eval_args)
 
@@ -161,12 +165,43 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
                 train_rows=train_dataset,
             )
             metrics.update({f"generation_{k}": v for k, v in report["systems"]["after"].items()})
+    trainer.create_model_card()  # again, now with the evaluation numbers
     if training_args.push_to_hub:
         trainer.push_to_hub(commit_message="docvlm: adapter, processor and evaluation report")
+    if trainer.accelerator.is_main_process:
+        fixture = data_args.dataset_name == tiny.TINY_DATASET
+        print(where_things_are(output_dir, training_args.report_to, page_hint=fixture))
     return trainer, metrics
 
 
+def where_things_are(output_dir: Path, report_to, page_hint: bool = False) -> str:
+    """The last lines of a run: what was written where, and what to run next."""
+    lines = [f"Done. Everything is in {output_dir}/:"]
+    rows = [
+        ("adapter", "adapter_model.safetensors", "adapter_model.safetensors, adapter_config.json"),
+        ("report", "report.md", "report.md, report.json, predictions.jsonl, loss.png"),
+        ("model card", "README.md", "README.md"),
+        ("recipe", "recipe.yaml", "recipe.yaml (as resolved for this run)"),
+    ]
+    for title, probe, text in rows:
+        if (output_dir / probe).is_file():
+            lines.append(f"  {title:<12} {text}")
+    if "tensorboard" in (report_to or []) and (output_dir / "runs").is_dir():
+        lines.append(f"  {'TensorBoard':<12} tensorboard --logdir {output_dir / 'runs'}")
+    if (output_dir / "adapter_config.json").is_file():
+        lines.append(f'Next: docvlm predict --adapter {output_dir} --image <page.png> --question "..."')
+        if page_hint:
+            lines.append("      (`docvlm fixtures --export-pages pages/` writes held-out pages of this dataset to try)")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from docvlm.recipe_help import exit_on_help
+    from docvlm.runtime import quiet_third_party_noise
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    exit_on_help(argv)  # before the ML libraries are imported: the rendered help is cached
+    quiet_third_party_noise()
     try:
         run(argv)
     except UserError as err:

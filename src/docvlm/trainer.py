@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import shutil
+from pathlib import Path
 
 import torch
 from trl import SFTTrainer
@@ -48,6 +50,28 @@ class DocVLMTrainer(SFTTrainer):
     with this one. The loss is the same; the logged entropy and token accuracy cover the labelled positions, as
     TRL's do.
     """
+
+    def __init__(self, *args, model_card=None, **kwargs):
+        """`model_card`: a function returning the run's README.md text, written instead of TRL's template card."""
+        self._model_card = model_card
+        super().__init__(*args, **kwargs)
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None, **kwargs):
+        """Called by TRL at every checkpoint and by `push_to_hub`: write docvlm's card, not TRL's text-model
+        template ("fine-tuned version of [None]", a text-generation pipeline, `licence: license`)."""
+        if self._model_card is None:
+            return super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        if self.is_world_process_zero():
+            Path(self.args.output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(self.args.output_dir) / "README.md").write_text(self._model_card())
+
+    def _save_checkpoint(self, model, trial):
+        """peft writes its blank template card into every checkpoint folder; put the run's card there instead."""
+        super()._save_checkpoint(model, trial)
+        card = Path(self.args.output_dir) / "README.md"
+        checkpoint = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        if self._model_card is not None and self.is_world_process_zero() and card.is_file() and checkpoint.is_dir():
+            shutil.copy(card, checkpoint / "README.md")
 
     def _answer_logits_only(self, inputs) -> bool:
         setting = getattr(self.args, "loss_logits", "auto")

@@ -1,0 +1,153 @@
+"""Every command in README.md's bash blocks, run as written and in the order written, in a copy of the repository.
+
+A command that needs the Hub is run with the Hub unreachable and must fail fast with its documented message; a
+server must start and keep serving; the rest must exit 0. `make train` must print no warning."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+
+# Commands that cannot simply exit 0 here, with what each must do instead. Every entry must match a README command.
+SKIP, FAILS_FAST, SERVES = "skip", "fails fast", "serves"
+SPECIAL = [
+    (r"^git clone <this repo>", SKIP, "a placeholder for the reader's clone: this test runs in a copy of the repo"),
+    (r"^make test\b", SKIP, "the command that runs this test"),
+    (r"^make bench\b", SKIP, "needs a GPU"),
+    (r"^tensorboard ", SERVES, r"TensorBoard .* at http://localhost:6006"),
+    (r"^make train RECIPE=docvqa_qlora$", FAILS_FAST, r"Could not reach the Hugging Face Hub.*model_name_or_path"),
+    (r"--model_name_or_path /data/idefics2-8b", FAILS_FAST, r"The model path '/data/idefics2-8b'.*does not exist"),
+    (r"^hf download ", FAILS_FAST, r"(?i)error|connect"),
+    (r"recipes/docvqa_qlora\.yaml", FAILS_FAST, r"Could not reach the Hugging Face Hub"),
+    (r"^docvlm push ", FAILS_FAST, r"No Hub token: set HF_TOKEN"),
+]
+SERVE_SECONDS = 20
+FAIL_FAST_SECONDS = 60
+
+
+def readme_commands(text: str) -> list[str]:
+    """The commands of the ```bash blocks, in order; a line ending in a backslash continues on the next."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        pending = ""
+        for line in block.splitlines():
+            if line.rstrip().endswith("\\"):
+                pending += line.rstrip()[:-1] + " "
+                continue
+            command = (pending + line).strip()
+            pending = ""
+            if command and not command.startswith("#"):
+                commands.append(command)
+    return commands
+
+
+def without_comment(command: str) -> str:
+    return re.sub(r"\s+#\s.*$", "", command).strip()
+
+
+def special(command: str):
+    for pattern, kind, detail in SPECIAL:
+        if re.search(pattern, without_comment(command)):
+            return kind, detail
+    return None, None
+
+
+def test_readme_commands_are_parsed_with_their_continuations():
+    text = "```bash\nmake a   # note\nrun x \\\n    --y z\n```\n```text\nnot a command\n```\n"
+    assert readme_commands(text) == ["make a   # note", "run x      --y z"]
+    assert without_comment("make a   # note") == "make a"
+
+
+def test_every_exception_matches_a_readme_command():
+    commands = readme_commands(README.read_text())
+    for pattern, _, _ in SPECIAL:
+        assert any(re.search(pattern, without_comment(c)) for c in commands), f"no README command matches {pattern}"
+
+
+def copy_of_the_repository(dest: Path) -> Path:
+    """The tracked and untracked-but-not-ignored files, as a fresh clone of this working tree would have them,
+    with the test run's .venv linked in so that `make` finds it installed."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    for name in filter(None, listed.split("\0")):
+        source = ROOT / name
+        if source.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+    (dest / ".venv").symlink_to(Path(sys.prefix))
+    return dest
+
+
+@pytest.mark.slow
+def test_every_readme_command_runs_as_written(tmp_path):
+    if not (Path(sys.prefix) / "bin" / "activate").is_file():
+        pytest.skip(f"needs the tests to run from a virtual environment (`make test`); {sys.prefix} is not one")
+    repo = copy_of_the_repository(tmp_path / "repo")
+    (Path(sys.prefix) / ".installed").touch()  # `make` checks this stamp against pyproject.toml
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    commands = readme_commands(README.read_text())
+    script = ["set -u"]
+    plan = []
+    for index, command in enumerate(commands):
+        kind, detail = special(command)
+        plan.append((index, command, kind, detail))
+        if kind == SKIP:
+            continue
+        limit = SERVE_SECONDS if kind == SERVES else FAIL_FAST_SECONDS if kind == FAILS_FAST else 1200
+        # A brace group runs in this shell, so `source .venv/bin/activate` holds for the commands after it.
+        wrapped = f"timeout {limit} {without_comment(command)}" if kind else f"{{ {command}\n}}"
+        script += [
+            "start=$(date +%s)",
+            f"{wrapped} > {logs}/{index}.log 2>&1 < /dev/null",
+            f"echo $? $(( $(date +%s) - start )) > {logs}/{index}.rc",
+        ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "VIRTUAL_ENV", "PYTEST"))}
+    env.update(
+        HF_ENDPOINT="http://127.0.0.1:9",  # a closed local port: the Hub is unreachable, whatever the network
+        HF_HOME=str(tmp_path / "hf-home"),  # no stored token
+        PATH=os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if not p.startswith(sys.prefix)),
+    )
+    started = time.monotonic()
+    subprocess.run(["bash", "-c", "\n".join(script)], cwd=repo, env=env, timeout=3000, check=False)
+    print(f"README commands: {time.monotonic() - started:.0f} s")
+
+    failures = []
+    for index, command, kind, detail in plan:
+        if kind == SKIP:
+            print(f"skipped `{command}`: {detail}")
+            continue
+        rc_file = logs / f"{index}.rc"
+        if not rc_file.is_file():
+            failures.append(f"`{command}` never ran")
+            continue
+        code, seconds = map(int, rc_file.read_text().split())
+        output = (logs / f"{index}.log").read_text(errors="replace")
+        tail = output[-1500:]
+        if kind == SERVES:
+            if code != 124 or not re.search(detail, output):
+                failures.append(f"`{command}` did not keep serving for {SERVE_SECONDS} s (exit {code}):\n{tail}")
+        elif kind == FAILS_FAST:
+            if code in (0, 124) or not re.search(detail, output, flags=re.S) or "Traceback" in output:
+                failures.append(f"`{command}` should fail fast with /{detail}/, got exit {code}:\n{tail}")
+        elif code != 0:
+            failures.append(f"`{command}` exited {code}:\n{tail}")
+        if without_comment(command) == "make train":
+            warnings = [line for line in output.splitlines() if re.search(r"(?i)warn", line)]
+            if warnings:
+                failures.append("`make train` printed warnings:\n" + "\n".join(warnings))
+    assert not failures, "\n\n".join(failures)
+    answers = (repo / "outputs" / "answers.jsonl").read_text().splitlines()
+    assert len(answers) == 5 and all('"answer"' in line for line in answers)
