@@ -13,6 +13,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -88,6 +89,7 @@ def resolve(name_or_path: str | None) -> str | None:
         raise ValueError(f"Unknown fixture {name_or_path!r}; the fixtures are {sorted(builders)}.")
     target = cache_root() / f"{name_or_path[len(PREFIX) :]}-v{FIXTURE_VERSION}"
     if not (target / "COMPLETE").exists():
+        print(f"Building the offline fixture {name_or_path} into {target} (once; later runs reuse it)", file=sys.stderr)
         build_atomically(builders[name_or_path], target)
     return str(target)
 
@@ -277,9 +279,11 @@ def make_rows(n: int, seed: int) -> list[dict]:
     Each page shows FIELDS_PER_PAGE of the four fields' values; the question names a field by the document
     type's label for it, never its value, and the answer is that field's value on the page.
     """
+    from tqdm.auto import tqdm
+
     rng = random.Random(seed)
     rows = []
-    for i in range(n):
+    for i in tqdm(range(n), desc="Rendering synthetic pages", unit="page", leave=False):
         doc_type = rng.choice(sorted(_DOC_TYPES))
         labels = _DOC_TYPES[doc_type]
         fields = rng.sample(sorted(_VALUES), FIELDS_PER_PAGE)
