@@ -34,6 +34,7 @@ def test_loss_is_finite_and_logged(trained):
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     losses = [h["loss"] for h in history if "loss" in h]
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    assert [h["step"] for h in history if "eval_loss" in h] == [4]  # the final evaluation, for the loss plot
 
 
 def test_trainable_weights_stayed_fp32(trained):

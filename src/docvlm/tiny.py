@@ -22,7 +22,7 @@ TINY_DATASET = "docvlm:tiny-docs"
 PREFIX = "docvlm:"
 
 # Bump when the fixture's recipe changes, so stale caches are rebuilt rather than reused.
-FIXTURE_VERSION = "11"
+FIXTURE_VERSION = "12"
 
 # Idefics2's chat template, as shipped in the model's processor config.
 IDEFICS2_CHAT_TEMPLATE = (
@@ -52,6 +52,9 @@ TINY_CONFIG = {
         max_position_embeddings=1024,
         sliding_window=None,
         pad_token_id=0,
+        # as the tokenizer: otherwise transformers 5.17's trainer "aligns" them at every start, with a warning
+        bos_token_id=1,
+        eos_token_id=2,
     ),
     "vision": dict(
         hidden_size=128,

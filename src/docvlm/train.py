@@ -143,6 +143,7 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
         eval_metrics = trainer.evaluate()
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
+        trainer.save_state()  # again, so that trainer_state.json (and the loss plot) has the final eval loss
         metrics.update(eval_metrics)
     if eval_dataset is not None and eval_args.eval_after_training:
         if trainer.accelerator.num_processes > 1:
