@@ -1,11 +1,14 @@
 # docvlm: `make train` runs the embedded default (tiny Idefics2, synthetic documents) on this machine.
 # `docvlm launch` is `accelerate launch` that exits with the job's status instead of a launcher traceback.
 #   make train RECIPE=docvqa_qlora ACCELERATE_CONFIG=single_gpu ARGS="--learning_rate 2e-4"
+#   make train RECIPE=docvqa_qlora ACCELERATE_CONFIG=multi_gpu NUM_GPUS=4
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 RECIPE ?= tiny_docvqa
+# train with ACCELERATE_CONFIG=multi_gpu: how many GPUs (processes) to use (default: the config's)
+NUM_GPUS ?=
 # eval: the adapter folder to evaluate (default: the recipe's output_dir)
 ADAPTER ?=
 ARGS ?=
@@ -20,7 +23,7 @@ ifndef HAS_GPU
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1073741824
 endif
 
-.PHONY: install train eval bench bench-cpu test lint format clean
+.PHONY: install train eval bench bench-multi bench-cpu test lint format clean
 
 install: $(VENV)/.installed
 
@@ -32,7 +35,7 @@ $(VENV)/.installed: pyproject.toml
 
 train: install
 	$(BIN)/docvlm launch --config_file accelerate_configs/$(ACCELERATE_CONFIG).yaml \
-		-m docvlm.train --config recipes/$(RECIPE).yaml $(ARGS)
+		$(if $(NUM_GPUS),--num_processes $(NUM_GPUS)) -m docvlm.train --config recipes/$(RECIPE).yaml $(ARGS)
 
 # Before/after ANLS on the recipe's held-out split (train runs it at the end unless eval_after_training: false).
 eval: install
@@ -41,6 +44,10 @@ eval: install
 # GPU: the notebook's setup against our recipes on Idefics2-8B's architecture (docs/benchmarks.md).
 bench: install
 	$(BIN)/python -m docvlm.bench $(ARGS)
+
+# GPUs: docvqa_qlora on one GPU and data-parallel on NUM_GPUS (default 2), same per-device batch (docs/distributed.md).
+bench-multi: install
+	$(BIN)/python -m docvlm.bench --setups docvqa_qlora "multi_gpux$(or $(NUM_GPUS),2):docvqa_qlora" $(ARGS)
 
 # CPU: the embedded default alone and beside one busy process, under each OpenMP wait policy (docs/cpu_threads.md).
 bench-cpu: install

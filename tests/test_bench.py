@@ -3,6 +3,7 @@
 import json
 import math
 
+import pytest
 import torch
 
 from docvlm import bench
@@ -72,3 +73,21 @@ def test_8b_bench_without_a_gpu_says_what_to_do(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert bench.main(["--setups", "baseline"]) == 2
     assert "--model tiny" in capsys.readouterr().err
+
+
+def test_a_setup_can_name_its_launch():
+    import sys
+
+    from docvlm.bench import launcher
+
+    assert launcher("docvqa_qlora --precision fp16") == ([sys.executable], "docvqa_qlora --precision fp16")
+    prefix, recipe = launcher("multi_gpux2:docvqa_qlora --precision fp16")
+    assert recipe == "docvqa_qlora --precision fp16"
+    assert prefix[1:] == ["-m", "docvlm", "launch", "--config_file", "accelerate_configs/multi_gpu.yaml"] + [
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        "29555",
+    ]
+    with pytest.raises(SystemExit, match="multi_gpux2:docvqa_qlora"):
+        launcher("nosuchconfigx2:docvqa_qlora")

@@ -470,13 +470,33 @@ def loss_curves(results: dict[str, dict]) -> str:
 
 
 def child(args) -> None:
+    from accelerate import PartialState
+
     model_dir, data_dir = fixtures(args.model, args.pages)
     if args.child in ("baseline", "baseline-masked"):
         masked = args.child == "baseline-masked"
         result = run_baseline(model_dir, data_dir, args.steps, args.warmup, args.profile, masked)
     else:
         result = run_recipe(args.child, model_dir, data_dir, args.steps, args.warmup, args.profile)
-    Path(args.result).write_text(json.dumps(result))
+    if PartialState().is_main_process:  # under a multi-process launch: its figures (GPU 0's memory), written once
+        Path(args.result).write_text(json.dumps({**result, "processes": PartialState().num_processes}))
+
+
+def launcher(setup: str) -> tuple[list[str], str]:
+    """The command prefix that runs a setup, and the setup without its launch prefix. 'multi_gpux2:docvqa_qlora'
+    runs the recipe under accelerate_configs/multi_gpu.yaml with 2 processes; a plain setup runs in one process."""
+    head, _, rest = setup.partition(" ")
+    if ":" not in head:
+        return [sys.executable], setup
+    launch, recipe = head.split(":", 1)
+    config, _, processes = launch.rpartition("x")
+    if not config or not processes.isdigit() or not Path(f"accelerate_configs/{config}.yaml").is_file():
+        raise SystemExit(
+            f"docvlm bench: cannot read the launch of '{setup}': write <accelerate config>x<processes>:<recipe>, "
+            "e.g. multi_gpux2:docvqa_qlora, with the config in accelerate_configs/."
+        )
+    command = [sys.executable, "-m", "docvlm", "launch", "--config_file", f"accelerate_configs/{config}.yaml"]
+    return [*command, "--num_processes", processes, "--main_process_port", "29555"], f"{recipe} {rest}".strip()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -498,7 +518,8 @@ def main(argv: list[str] | None = None) -> int:
         default=["baseline", "baseline-masked", "docvqa_qlora", "docvqa_qlora_lowmem", "docvqa_qlora_fast"],
         help="'baseline' (the seed notebook), 'baseline-masked' (the same with our answer-only labels, whose "
         "loss curve is comparable with ours) or a recipe name, optionally with overrides in quotes, "
-        'e.g. "docvqa_qlora --precision fp16"',
+        'e.g. "docvqa_qlora --precision fp16", and optionally launched on several GPUs: '
+        "<accelerate config>x<processes>:<recipe>, e.g. multi_gpux2:docvqa_qlora",
     )
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps timed after the warm-up")
     parser.add_argument("--warmup", type=int, default=2, help="optimizer steps run before timing starts")
@@ -527,12 +548,13 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for setup in args.setups:
         result_file = out / f"result-{len(results)}.json"
+        prefix, recipe = launcher(setup)
         command = [
-            sys.executable,
+            *prefix,
             "-m",
             "docvlm.bench",
             "--child",
-            setup,
+            recipe,
             "--result",
             str(result_file),
             "--model",

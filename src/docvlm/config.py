@@ -9,6 +9,7 @@ data fields, a few loading knobs, an automatic precision switch, and errors that
 from __future__ import annotations
 
 import difflib
+import os
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -152,12 +153,31 @@ class TrainConfig(SFTConfig):
             "or memory-efficient kernels. Same math."
         },
     )
+    effective_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Samples per optimizer step, whatever the number of processes: gradient_accumulation_steps "
+            "becomes this / (per_device_train_batch_size x processes), which must divide evenly. Unset: the "
+            "recipe's accumulation, so the step grows with the number of processes."
+        },
+    )
+    ddp_find_unused_parameters: bool | None = field(
+        default=False,
+        metadata={
+            "help": "DDP: look for parameters without gradients every step. docvlm's adapters use all of theirs, "
+            "so false spares a pass over the graph."
+        },
+    )
     # Our collator reads the mapped question/answers columns, which TRL would otherwise drop.
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Keep false: docvlm's collator reads the question and answers columns."}
     )
 
     def __post_init__(self):
+        if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _cuda_available(False):
+            # several processes (torchrun, accelerate launch --num_processes N) on a machine without a GPU: accelerate
+            # sets up gloo data parallelism only when told the run is on the CPU; otherwise each process trains alone
+            self.use_cpu = True
         if self.connector_checkpoint_pages < 1:
             raise ValueError(f"connector_checkpoint_pages must be at least 1, got {self.connector_checkpoint_pages}.")
         if self.vision_tower_pages < 0:
@@ -179,6 +199,31 @@ class TrainConfig(SFTConfig):
             if hasattr(self, new) and getattr(self, new) is None and getattr(self, old) is not None:
                 setattr(self, new, getattr(self, old))
         super().__post_init__()
+        if self.effective_batch_size is not None:
+            per_step = self.per_device_train_batch_size * self.world_size
+            if self.effective_batch_size < 1 or self.effective_batch_size % per_step:
+                raise ValueError(
+                    f"effective_batch_size {self.effective_batch_size} is not a multiple of "
+                    f"per_device_train_batch_size {self.per_device_train_batch_size} x {self.world_size} processes: "
+                    "change one of them."
+                )
+            self.gradient_accumulation_steps = self.effective_batch_size // per_step
+
+    def batch_summary(self) -> str:
+        """How many samples an optimizer step takes, and where that number comes from."""
+        per_step = self.per_device_train_batch_size * self.world_size * self.gradient_accumulation_steps
+        text = (
+            f"Batch: {self.world_size} process{'es' if self.world_size > 1 else ''} x "
+            f"{self.per_device_train_batch_size} per device x {self.gradient_accumulation_steps} accumulation = "
+            f"{per_step} samples per optimizer step."
+        )
+        if self.world_size > 1 and self.effective_batch_size is None:
+            alone = self.per_device_train_batch_size * self.gradient_accumulation_steps
+            text += (
+                f" On one process this recipe takes {alone}: {self.world_size} processes make each step "
+                f"{self.world_size}x larger. Set effective_batch_size: {alone} to keep the recipe's."
+            )
+        return text
 
 
 @dataclass

@@ -76,7 +76,10 @@ def generate(
     was_training = model.training
     model.eval()
     outputs = []
-    for start in tqdm(range(0, len(questions), batch_size), desc=desc, unit="batch"):
+    from accelerate import PartialState
+
+    bar = not PartialState().is_local_main_process  # one progress bar a machine under multi-process launches
+    for start in tqdm(range(0, len(questions), batch_size), desc=desc, unit="batch", disable=bar):
         qs = questions[start : start + batch_size]
         ims = [[to_rgb(image, f"Item {start + i}")] for i, image in enumerate(images[start : start + batch_size])]
         prompts = [prompt_text(processor, instruction, q) for q in qs]
@@ -281,22 +284,30 @@ def evaluate_model(
     compare_base: bool = True,
     train_rows=None,
 ) -> dict:
-    """Generate on eval_rows with the adapter (after) and, if asked, without it (before); write the report."""
+    """Generate on eval_rows with the adapter (after) and, if asked, without it (before); write the report.
+
+    Under a multi-process launch (DDP: every process holds the whole model) each process answers a contiguous
+    shard of the rows and the main process gathers them, so the report is the one a single process writes, once."""
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    state = PartialState()
     started = time.perf_counter()
-    questions = list(eval_rows["question"])
-    answers = list(eval_rows["answers"])
-    images = _Pages(eval_rows)
-    groups = list(eval_rows["group"]) if "group" in eval_rows.column_names else [None] * len(questions)
+    shard = eval_rows
+    if state.num_processes > 1:
+        shard = eval_rows.shard(num_shards=state.num_processes, index=state.process_index, contiguous=True)
+    questions = list(shard["question"])
+    images = _Pages(shard)
+    groups = list(shard["group"]) if "group" in shard.column_names else [None] * len(questions)
     items = [
         {"row": r, "question": q, "answers": a, "group": g}
-        for r, q, a, g in zip(eval_rows["row"], questions, answers, groups, strict=True)
+        for r, q, a, g in zip(shard["row"], questions, shard["answers"], groups, strict=True)
     ]
     systems = []
     if train_rows is not None:
         guess = question_only_baseline(train_rows["question"], train_rows["answers"])
         score_items(items, "blind", [{"answer": guess(q)} for q in questions])
         systems.append("blind")
-    generated = 0
     if compare_base and hasattr(model, "disable_adapter"):
         with model.disable_adapter():
             score_items(
@@ -307,23 +318,25 @@ def evaluate_model(
                 ),
             )
         systems.append("before")
-        generated += len(items)
     score_items(
         items,
         "after",
         generate(model, processor, images, questions, instruction, max_new_tokens, batch_size, desc="after (adapter)"),
     )
     systems.append("after")
-    generated += len(items)
+    if state.num_processes > 1:
+        items = sorted(gather_object(items), key=lambda item: item["row"])
     meta = {
         **meta,
         "seconds": time.perf_counter() - started,
-        "generated": generated,
+        "generated": len(items) * sum(system in ("before", "after") for system in systems),
         "device": str(next(model.parameters()).device),
+        "processes": state.num_processes,
     }
     summary = summarize(items, systems)
-    write_report(out_dir, items, summary, meta)
-    print(terminal_summary(summary, meta, out_dir))
+    if state.is_main_process:
+        write_report(out_dir, items, summary, meta)
+        print(terminal_summary(summary, meta, out_dir))
     return {**meta, **summary}
 
 

@@ -113,6 +113,7 @@ HELP_SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "per_device_train_batch_size",
             "per_device_eval_batch_size",
             "gradient_accumulation_steps",
+            "effective_batch_size",
             "learning_rate",
             "lr_scheduler_type",
             "warmup_steps",

@@ -129,6 +129,7 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
     )
     keep_trainable_fp32(trainer.model)
     if trainer.accelerator.is_main_process:
+        print(training_args.batch_summary())
         save_resolved_recipe(output_dir / "recipe.yaml", data_args, model_args, training_args, eval_args)
 
     checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
@@ -146,13 +147,13 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
         trainer.save_state()  # again, so that trainer_state.json (and the loss plot) has the final eval loss
         metrics.update(eval_metrics)
     if eval_dataset is not None and eval_args.eval_after_training:
-        if trainer.accelerator.num_processes > 1:
-            # Generation on sharded weights (ZeRO-3, FSDP) needs them gathered; a separate run is simpler.
+        if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+            # the weights are sharded across processes, so no process can generate alone
             print(
-                f"Generation eval skipped on {trainer.accelerator.num_processes} processes: run "
+                "Generation eval not run under DeepSpeed / FSDP: run "
                 f"`docvlm eval --config <recipe> --adapter {output_dir}` on one GPU."
             )
-        else:
+        else:  # one process, or DDP: each process answers a shard, the main process writes the report
             report = evaluate_model(
                 trainer.accelerator.unwrap_model(trainer.model),
                 processor,
