@@ -46,8 +46,9 @@ bench: install
 	$(BIN)/python -m docvlm.bench $(ARGS)
 
 # GPUs: docvqa_qlora on one GPU and data-parallel on NUM_GPUS (default 2), same per-device batch (docs/distributed.md).
+# 400 pages: no epoch ends (and no dataloader restarts) inside the timed steps of 2 x 16 pages each.
 bench-multi: install
-	$(BIN)/python -m docvlm.bench --setups docvqa_qlora "multi_gpux$(or $(NUM_GPUS),2):docvqa_qlora" $(ARGS)
+	$(BIN)/python -m docvlm.bench --pages 400 --setups docvqa_qlora "multi_gpux$(or $(NUM_GPUS),2):docvqa_qlora" $(ARGS)
 
 # CPU: the embedded default alone and beside one busy process, under each OpenMP wait policy (docs/cpu_threads.md).
 bench-cpu: install

@@ -134,3 +134,11 @@ def test_the_run_ends_by_saying_where_everything_is(trained):
     assert "adapter_model.safetensors" in text and "report.md" in text
     assert f"tensorboard --logdir {out / 'runs'}" in text and f"docvlm predict --adapter {out}" in text
     assert "--export-pages" in text and "--export-pages" not in where_things_are(out, [], page_hint=False)
+
+
+def test_one_process_with_several_gpus_is_refused_before_loading(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert main(quick(tmp_path, "--max_steps", "1")) == 2
+    err = capsys.readouterr().err
+    assert "2 GPUs are visible to this single process" in err and "accelerate_configs/multi_gpu.yaml" in err
+    assert not (tmp_path / "recipe.yaml").exists()  # refused before the run started

@@ -568,8 +568,11 @@ def main(argv: list[str] | None = None) -> int:
             *(["--profile"] if args.profile else []),
         ]
         print(f"\n=== {setup} ===", flush=True)
+        env = dict(os.environ)
+        if len(prefix) == 1 and torch.cuda.device_count() > 1 and "CUDA_VISIBLE_DEVICES" not in env:
+            env["CUDA_VISIBLE_DEVICES"] = "0"  # a one-process setup runs on one GPU, as users run it
         started = time.perf_counter()
-        code = subprocess.call(command)
+        code = subprocess.call(command, env=env)
         if code != 0 or not result_file.exists():
             results[setup] = {"error": f"exit status {code}"}
         else:

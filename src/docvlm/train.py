@@ -48,6 +48,21 @@ def save_resolved_recipe(path: Path, *arg_groups) -> None:
     )
 
 
+def check_one_gpu_per_process() -> None:
+    """One process that sees several GPUs makes Trainer fall back to nn.DataParallel, which TRL refuses only once the
+    model has loaded (minutes, for an 8B model); say what to do before anything loads."""
+    import torch
+    from accelerate import PartialState
+
+    gpus = torch.cuda.device_count()
+    if gpus > 1 and PartialState().num_processes == 1:
+        raise UserError(
+            f"{gpus} GPUs are visible to this single process. Train on all of them with `accelerate launch "
+            f"--config_file accelerate_configs/multi_gpu.yaml --num_processes {gpus} -m docvlm.train ...` (or `make "
+            f"train ACCELERATE_CONFIG=multi_gpu NUM_GPUS={gpus}`), or on one with CUDA_VISIBLE_DEVICES=0."
+        )
+
+
 def check_push(training_args) -> None:
     """Fail before training, not after, when a Hub push is asked for but cannot happen."""
     if not training_args.push_to_hub:
@@ -89,6 +104,7 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
     data_args, model_args, training_args, eval_args = parse_recipe(argv)
     set_seed(training_args.seed)
 
+    check_one_gpu_per_process()
     check_recipe_sources(model_args, data_args)
     check_push(training_args)
     path = model_path(model_args)
