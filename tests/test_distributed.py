@@ -74,3 +74,24 @@ def test_the_multi_node_config_trains_as_two_machines_on_one_host(tmp_path):
     assert "Batch: 2 processes" in outputs[0] and "Full report:" in outputs[0] and "Full report:" not in outputs[1]
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
     assert (out / "adapter_model.safetensors").is_file() and json.loads((out / "report.json").read_text())["count"] == 8
+
+
+@pytest.mark.slow
+def test_a_ddp_run_resumes_from_its_checkpoint_with_the_same_world_size(tmp_path):
+    out = tmp_path / "ddp-resume"
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+
+    def launch(*extra):
+        command = [sys.executable, "-m", "docvlm", "launch", "--config_file", "accelerate_configs/multi_gpu.yaml"]
+        command += ["--num_processes", "2", "--main_process_port", "29521", "-m", "docvlm.train"]
+        command += quick(out, "--per_device_train_batch_size", "2", "--eval_after_training", "false", *extra)
+        run = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+        assert run.returncode == 0, run.stderr[-3000:]
+
+    launch("--max_steps", "2", "--save_steps", "2")
+    first = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
+    launch("--max_steps", "4", "--save_steps", "4", "--resume_from_checkpoint", "latest")
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    losses = {h["step"]: h["loss"] for h in history if "loss" in h}
+    assert sorted(losses) == [1, 2, 3, 4]  # no step lost or repeated
+    assert [losses[1], losses[2]] == [h["loss"] for h in first if "loss" in h]  # carried on, not retrained
