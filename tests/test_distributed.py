@@ -95,3 +95,14 @@ def test_a_ddp_run_resumes_from_its_checkpoint_with_the_same_world_size(tmp_path
     losses = {h["step"]: h["loss"] for h in history if "loss" in h}
     assert sorted(losses) == [1, 2, 3, 4]  # no step lost or repeated
     assert [losses[1], losses[2]] == [h["loss"] for h in first if "loss" in h]  # carried on, not retrained
+
+
+def test_a_failing_multi_process_launch_ends_without_the_launchers_traceback(tmp_path):
+    command = [sys.executable, "-m", "docvlm", "launch", "--config_file", "accelerate_configs/multi_gpu.yaml"]
+    command += ["--num_processes", "2", "--main_process_port", "29523", "-m", "docvlm.train"]
+    command += ["--config", str(tmp_path / "missing.yaml")]
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 1
+    assert "missing.yaml not found" in run.stderr  # the job's own message
+    assert "Traceback" not in run.stderr and "ChildFailedError" not in run.stderr

@@ -58,17 +58,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def launch(argv: list[str]) -> int:
-    """Run `accelerate launch ARGS`. When the job fails, accelerate raises CalledProcessError with a traceback that
-    buries the job's own error message; here the job's message stays last and its exit status is returned."""
+    """Run `accelerate launch ARGS`. When the job fails, accelerate raises CalledProcessError (one process) or
+    torchrun's ChildFailedError (several) with a traceback that buries the job's own error message; here the job's
+    message stays last and a failure's exit status is returned."""
     from accelerate.commands.launch import launch_command, launch_command_parser
 
     args = launch_command_parser().parse_args(argv)
     if args.num_cpu_threads_per_process is None and "OMP_NUM_THREADS" not in os.environ:
         args.num_cpu_threads_per_process = _cpu_threads_per_process(args)
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
     try:
         launch_command(args)
-    except subprocess.CalledProcessError as err:
+    except subprocess.CalledProcessError as err:  # one process
         return err.returncode
+    except ChildFailedError:  # several processes: torchrun has already listed which failed, and how
+        return 1
     return 0
 
 
