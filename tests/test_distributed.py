@@ -12,13 +12,23 @@ import torch
 from tests.helpers import quick
 
 
+def launch_command(config: str, port: int, *launch_args: str) -> list[str]:
+    """`docvlm launch` of docvlm.train under accelerate_configs/<config>.yaml; the train arguments follow."""
+    command = [sys.executable, "-m", "docvlm", "launch", "--config_file", f"accelerate_configs/{config}.yaml"]
+    return [*command, *launch_args, "--main_process_port", str(port), "-m", "docvlm.train"]
+
+
+def clean_env() -> dict:
+    """This environment without a surrounding launch's rank variables, so the launcher sets its own."""
+    return {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+
+
 @pytest.mark.slow
 def test_two_process_ddp_saves_one_adapter_and_one_report(tmp_path):
     out = tmp_path / "ddp"
-    command = [sys.executable, "-m", "docvlm", "launch", "--config_file", "accelerate_configs/multi_gpu.yaml"]
-    command += ["--num_processes", "2", "--main_process_port", "29517", "-m", "docvlm.train"]
+    command = launch_command("multi_gpu", 29517, "--num_processes", "2")
     command += quick(out, "--max_steps", "3", "--per_device_train_batch_size", "2", "--save_steps", "3")
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env = clean_env()
     run = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     output = run.stdout + run.stderr
@@ -61,12 +71,11 @@ def test_effective_batch_size_sets_the_accumulation_and_refuses_what_does_not_di
 def test_the_multi_node_config_trains_as_two_machines_on_one_host(tmp_path):
     """Two launches as machine_rank 0 and 1 of accelerate_configs/multi_node.yaml, one CPU process each."""
     out = tmp_path / "two-machines"
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env = clean_env()
     launches = []
     for rank in (0, 1):
-        command = [sys.executable, "-m", "docvlm", "launch", "--config_file", "accelerate_configs/multi_node.yaml"]
-        command += ["--machine_rank", str(rank), "--num_machines", "2", "--num_processes", "2"]
-        command += ["--main_process_ip", "127.0.0.1", "--main_process_port", "29519", "-m", "docvlm.train"]
+        machine = ["--machine_rank", str(rank), "--num_machines", "2", "--main_process_ip", "127.0.0.1"]
+        command = launch_command("multi_node", 29519, *machine, "--num_processes", "2")
         command += quick(out, "--max_steps", "2", "--per_device_train_batch_size", "2", "--save_strategy", "no")
         launches.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
     outputs = [launch.communicate(timeout=600)[0] for launch in launches]
@@ -79,11 +88,10 @@ def test_the_multi_node_config_trains_as_two_machines_on_one_host(tmp_path):
 @pytest.mark.slow
 def test_a_ddp_run_resumes_from_its_checkpoint_with_the_same_world_size(tmp_path):
     out = tmp_path / "ddp-resume"
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env = clean_env()
 
     def launch(*extra):
-        command = [sys.executable, "-m", "docvlm", "launch", "--config_file", "accelerate_configs/multi_gpu.yaml"]
-        command += ["--num_processes", "2", "--main_process_port", "29521", "-m", "docvlm.train"]
+        command = launch_command("multi_gpu", 29521, "--num_processes", "2")
         command += quick(out, "--per_device_train_batch_size", "2", "--eval_after_training", "false", *extra)
         run = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
         assert run.returncode == 0, run.stderr[-3000:]
@@ -98,10 +106,9 @@ def test_a_ddp_run_resumes_from_its_checkpoint_with_the_same_world_size(tmp_path
 
 
 def test_a_failing_multi_process_launch_ends_without_the_launchers_traceback(tmp_path):
-    command = [sys.executable, "-m", "docvlm", "launch", "--config_file", "accelerate_configs/multi_gpu.yaml"]
-    command += ["--num_processes", "2", "--main_process_port", "29523", "-m", "docvlm.train"]
+    command = launch_command("multi_gpu", 29523, "--num_processes", "2")
     command += ["--config", str(tmp_path / "missing.yaml")]
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env = clean_env()
     run = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 1
     assert "missing.yaml not found" in run.stderr  # the job's own message

@@ -37,7 +37,7 @@ CONFIG_HELP = (
 )
 
 # The fields a recipe usually sets, by section, in the order they are shown. Names must be fields of
-# RECIPE_DATACLASSES (tests/test_config.py checks it); every other field is listed by --help-all.
+# RECIPE_DATACLASSES (tests/test_recipe_help.py checks it); every other field is listed by --help-all.
 HELP_SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     (
         "Model",
