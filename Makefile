@@ -45,10 +45,12 @@ eval: install
 bench: install
 	$(BIN)/python -m docvlm.bench $(ARGS)
 
-# GPUs: docvqa_qlora on one GPU and data-parallel on NUM_GPUS (default 2), same per-device batch (docs/distributed.md).
+# GPUs: docvqa_qlora on one GPU, then on NUM_GPUS (default 2) under DDP, DeepSpeed ZeRO-2 and ZeRO-3, with the same
+# per-device batch; ZeRO-3's saved adapter is reloaded on one GPU and compared (docs/distributed.md).
 # 400 pages: no epoch ends (and no dataloader restarts) inside the timed steps of 2 x 16 pages each.
 bench-multi: install
-	$(BIN)/python -m docvlm.bench --pages 400 --setups docvqa_qlora "multi_gpux$(or $(NUM_GPUS),2):docvqa_qlora" $(ARGS)
+	$(BIN)/python -m docvlm.bench --pages 400 --check-reload --setups docvqa_qlora \
+		$(foreach config,multi_gpu deepspeed_zero2 deepspeed_zero3,"$(config)x$(or $(NUM_GPUS),2):docvqa_qlora") $(ARGS)
 
 # CPU: the embedded default alone and beside one busy process, under each OpenMP wait policy (docs/cpu_threads.md).
 bench-cpu: install

@@ -91,3 +91,20 @@ def test_a_setup_can_name_its_launch():
     ]
     with pytest.raises(SystemExit, match="multi_gpux2:docvqa_qlora"):
         launcher("nosuchconfigx2:docvqa_qlora")
+
+
+def test_the_table_compares_with_the_first_setup_and_shows_the_reload_check():
+    from docvlm.bench import table
+
+    run = {"s_per_step": 1.0, "first_loss": 11.0, "last_loss": 10.5, "peak_reserved_gib": 11.0}
+    results = {
+        "docvqa_qlora": {**run, "samples_per_s": 10.0, "processes": 1},
+        "deepspeed_zero3x2:docvqa_qlora": {**run, "samples_per_s": 7.0, "processes": 2, "reload_max_logit_diff": 0.0},
+        "deepspeed_zero2x2:docvqa_qlora": {"error": "exit status 1"},
+    }
+    lines = table(results).splitlines()
+    assert "vs docvqa_qlora" in lines[0] and lines[0].endswith("reloaded adapter: max logit diff |")
+    assert lines[1].count("|---") == 9
+    assert lines[3].startswith("| deepspeed_zero3x2:docvqa_qlora | 2 | 7.00 | 1.00 | 0.70x |")
+    assert lines[3].endswith("| 0.0000 |") and lines[2].endswith("| - |")
+    assert "failed: exit status 1" in lines[4] and lines[4].count("|") == lines[3].count("|")

@@ -1,10 +1,14 @@
-"""Data parallelism: two processes (gloo on a CPU, NCCL on GPUs) train the tiny recipe, save one adapter that
-reloads, and write one evaluation report with every held-out question answered once."""
+"""Several processes: two processes (gloo on a CPU, NCCL on GPUs) train the tiny recipe, save one adapter that
+reloads, and write one evaluation report with every held-out question answered once; on two GPUs, DDP and
+DeepSpeed ZeRO-2/3 with QLoRA train like one GPU (`pytest -m multigpu`); and what each launch mode sets or refuses
+(src/docvlm/distributed.py), from the variables accelerate exports."""
 
 import json
+import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,3 +117,201 @@ def test_a_failing_multi_process_launch_ends_without_the_launchers_traceback(tmp
     assert run.returncode == 1
     assert "missing.yaml not found" in run.stderr  # the job's own message
     assert "Traceback" not in run.stderr and "ChildFailedError" not in run.stderr
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Two GPUs: DeepSpeed ZeRO-2/3 and FSDP with QLoRA (run with `pytest -m multigpu` on a 2-GPU machine)
+# --------------------------------------------------------------------------------------------------------------
+
+GPUS = torch.cuda.device_count()
+needs_two_gpus = pytest.mark.skipif(
+    GPUS < 2, reason=f"needs 2 CUDA GPUs ({GPUS} here): run `pytest -m multigpu` on a 2-GPU machine"
+)
+# every docvlm memory/speed switch on (with the chunk sizes that split the tiny batches), then every one off
+SWITCHES_ON = [
+    *("--gradient_checkpointing", "true", "--gradient_checkpointing_kwargs", '{"use_reentrant": false}'),
+    *("--vision_tower_no_grad", "true", "--vision_tower_pages", "1"),
+    *("--connector_checkpointing", "true", "--connector_checkpoint_pages", "1"),
+    *("--connector_lean_activations", "true", "--loss_logits", "answer"),
+]
+SWITCHES_OFF = [
+    *("--gradient_checkpointing", "false", "--vision_tower_no_grad", "false", "--connector_checkpointing", "false"),
+    *("--connector_lean_activations", "false", "--loss_logits", "all"),
+]
+# 3 steps on the same 4 samples (one global batch), so that the loss must fall and one GPU sees what two do
+GPU_RUN = [
+    *("--precision", "bf16", "--max_steps", "3", "--max_train_samples", "4", "--warmup_steps", "0"),
+    "--per_device_train_batch_size",
+]
+
+
+def losses_of(out) -> list[float]:
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    return [h["loss"] for h in history if "loss" in h]
+
+
+@pytest.fixture(scope="module")
+def one_gpu_losses(tmp_path_factory):
+    """The reference: the same 3 steps on one GPU, with the two processes' batch (2 x 2) in one."""
+    out = tmp_path_factory.mktemp("one-gpu")
+    env = {**clean_env(), "CUDA_VISIBLE_DEVICES": "0"}
+    command = [sys.executable, "-m", "docvlm.train", *quick(out, *GPU_RUN, "4", "--save_strategy", "no")]
+    command += [*SWITCHES_ON, "--eval_after_training", "false"]
+    run = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return losses_of(out)
+
+
+@pytest.mark.parametrize(
+    "config, port", [("multi_gpu", 29531), ("deepspeed_zero2", 29533), ("deepspeed_zero3", 29535)]
+)  # FSDP with a 4-bit model is refused (see test_fsdp_refuses_a_4bit_model_... below)
+@pytest.mark.multigpu
+@needs_two_gpus
+def test_qlora_on_two_gpus_trains_like_one_saves_a_whole_adapter_and_one_report(tmp_path, config, port, one_gpu_losses):
+    out = tmp_path / config
+    result = tmp_path / "probe.json"
+    command = [sys.executable, "-m", "docvlm", "launch", "--config_file", f"accelerate_configs/{config}.yaml"]
+    command += ["--num_processes", "2", "--main_process_port", str(port), "tests/launch_probe.py", str(result)]
+    command += quick(out, *GPU_RUN, "2", "--save_strategy", "no", *SWITCHES_ON)
+    run = subprocess.run(command, capture_output=True, text=True, env=clean_env(), timeout=400)
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output[-4000:]
+    if config == "deepspeed_zero3":
+        assert "bnb_4bit_quant_storage: bfloat16" in output  # set for the user, and said
+    assert output.count("Full report:") == 1  # the generation eval ran, once, never skipped
+    report = json.loads((out / "report.json").read_text())
+    assert report["processes"] == 2 and report["count"] == 8
+
+    losses = losses_of(out)
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    # the same first loss as one GPU with the same 4 samples, and a trajectory close to it
+    assert losses == pytest.approx(one_gpu_losses, rel=2e-2), (losses, one_gpu_losses)
+    # the saved adapter is whole: reloaded on one GPU it gives the trained model's logits
+    assert json.loads(result.read_text())["reload_max_logit_diff"] < 0.1
+
+    # the switches change memory and speed, never the losses, under this mode too
+    off = tmp_path / f"{config}-off"
+    command = [sys.executable, "-m", "docvlm", "launch", "--config_file", f"accelerate_configs/{config}.yaml"]
+    command += ["--num_processes", "2", "--main_process_port", str(port + 1), "-m", "docvlm.train"]
+    command += quick(off, *GPU_RUN, "2", "--save_strategy", "no", "--eval_after_training", "false", *SWITCHES_OFF)
+    run = subprocess.run(command, capture_output=True, text=True, env=clean_env(), timeout=400)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    assert losses_of(off) == pytest.approx(losses, rel=1e-2), (losses_of(off), losses)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What each launch mode needs, from the variables `accelerate launch` exports (no GPU needed)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def recipe_on_a_gpu(precision: str = "bf16", *extra):
+    """docvqa_qlora's arguments as a GPU with `precision` resolves them (parsed here on the CPU in fp32)."""
+    from docvlm.config import parse_recipe
+
+    _, model_args, training_args, _ = parse_recipe(
+        ["--config", "recipes/docvqa_qlora.yaml", "--precision", "fp32", *extra]
+    )
+    training_args.bf16, training_args.fp16 = precision == "bf16", precision == "fp16"
+    return model_args, training_args
+
+
+def test_the_launch_mode_is_read_from_accelerates_variables(monkeypatch):
+    from docvlm import distributed
+
+    for key in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    assert distributed.launch_mode() == distributed.SINGLE
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert distributed.launch_mode() == distributed.DDP
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert distributed.launch_mode() == distributed.FSDP
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    assert distributed.launch_mode() == distributed.ZERO2
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    assert distributed.launch_mode() == distributed.ZERO3
+
+
+def test_zero3_stores_the_4bit_weights_in_the_training_dtype_and_says_so(monkeypatch):
+    from docvlm.distributed import ZERO3, prepare_recipe_for
+    from docvlm.modeling import quantization_config, training_dtype
+
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL", "true")
+    model_args, training_args = recipe_on_a_gpu("bf16")
+    assert model_args.bnb_4bit_quant_storage is None  # the recipe does not set it
+    changes = prepare_recipe_for(ZERO3, model_args, training_args)
+    assert changes == [
+        "bnb_4bit_quant_storage: bfloat16 (DeepSpeed ZeRO-3 splits the 4-bit weights in the compute dtype)"
+    ]
+    assert quantization_config(model_args, training_dtype(training_args)).bnb_4bit_quant_storage == torch.bfloat16
+
+
+def test_zero3_refuses_uint8_storage_and_a_config_that_would_save_no_adapter(monkeypatch):
+    from docvlm.distributed import ZERO3, prepare_recipe_for
+    from docvlm.errors import UserError
+
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL", "true")
+    model_args, training_args = recipe_on_a_gpu("bf16", "--bnb_4bit_quant_storage", "uint8")
+    with pytest.raises(UserError, match="bnb_4bit_quant_storage is uint8, but under DeepSpeed ZeRO-3"):
+        prepare_recipe_for(ZERO3, model_args, training_args)
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL", "false")
+    model_args, training_args = recipe_on_a_gpu("bf16")
+    with pytest.raises(UserError, match="without zero3_save_16bit_model: true would save no adapter"):
+        prepare_recipe_for(ZERO3, model_args, training_args)
+
+
+def test_fsdp_refuses_a_4bit_model_and_zero_refuses_a_precision_it_was_not_verified_in():
+    from docvlm.distributed import FSDP, ZERO2, prepare_recipe_for, refuse_unsupported_switches
+    from docvlm.errors import UserError
+
+    model_args, training_args = recipe_on_a_gpu("bf16")
+    with pytest.raises(UserError, match="FSDP with a 4-bit model .* is refused.*deepspeed_zero3.yaml"):
+        prepare_recipe_for(FSDP, model_args, training_args)
+    _, fp16_args = recipe_on_a_gpu("fp16")
+    with pytest.raises(UserError, match="precision is fp16 .* verified DeepSpeed ZeRO-2 with QLoRA in bf16 only"):
+        refuse_unsupported_switches(ZERO2, fp16_args)
+    refuse_unsupported_switches(ZERO2, training_args)  # bf16: allowed
+
+
+def test_fsdp_refuses_two_kinds_of_activation_checkpointing(monkeypatch):
+    from docvlm.distributed import FSDP, refuse_unsupported_switches
+    from docvlm.errors import UserError
+
+    monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", "true")
+    _, training_args = recipe_on_a_gpu("bf16")
+    assert training_args.gradient_checkpointing
+    with pytest.raises(UserError, match="fsdp_activation_checkpointing: both would recompute the same layers"):
+        refuse_unsupported_switches(FSDP, training_args)
+
+
+def test_a_model_built_under_zero3_is_built_whole(monkeypatch):
+    """The tiny fixture and the evaluation model are built as one process builds them, even while a ZeRO-3
+    config is registered (transformers would otherwise partition them as they are created)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    from docvlm.distributed import whole_model_loading
+
+    class Zero3Config:
+        def is_zero3(self):
+            return True
+
+    config = Zero3Config()
+    hf_deepspeed.set_hf_deepspeed_config(config)
+    try:
+        assert hf_deepspeed.is_deepspeed_zero3_enabled()
+        with whole_model_loading():
+            assert not hf_deepspeed.is_deepspeed_zero3_enabled()
+        assert hf_deepspeed.is_deepspeed_zero3_enabled()  # restored afterwards
+    finally:
+        hf_deepspeed.unset_hf_deepspeed_config()
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in Path("accelerate_configs").glob("*.yaml")))
+def test_every_accelerate_config_opens_with_how_to_launch_it_and_loads(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    text = Path(f"accelerate_configs/{name}.yaml").read_text()
+    head = text.split("\ncompute_environment")[0]
+    assert head.startswith("# ") and f"--config_file accelerate_configs/{name}.yaml" in head
+    config = load_config_from_file(f"accelerate_configs/{name}.yaml")
+    assert config.distributed_type is not None

@@ -392,8 +392,11 @@ def run_baseline(model_dir: str, data_dir: str, steps: int, warmup: int, profile
     return result
 
 
-def run_recipe(recipe: str, model_dir: str, data_dir: str, steps: int, warmup: int, profile: bool) -> dict:
-    """A shipped recipe through `docvlm.train`, exactly as users run it, on the benchmark model and pages."""
+def run_recipe(
+    recipe: str, model_dir: str, data_dir: str, steps: int, warmup: int, profile: bool, check_reload: bool = False
+) -> dict:
+    """A shipped recipe through `docvlm.train`, exactly as users run it, on the benchmark model and pages;
+    `check_reload`: also compare the trained model's logits with its saved adapter's, reloaded whole."""
     from docvlm import train
 
     name, *overrides = shlex.split(recipe)
@@ -422,7 +425,40 @@ def run_recipe(recipe: str, model_dir: str, data_dir: str, steps: int, warmup: i
     trainer, _ = train.run(argv, callbacks=[timer])
     args = trainer.args
     samples = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-    return summarize(timer, warmup, samples)
+    result = summarize(timer, warmup, samples)
+    if check_reload:
+        result["reload_max_logit_diff"] = reload_logit_difference(trainer, trainer.train_dataset)
+    return result
+
+
+def reload_logit_difference(trainer, rows, samples: int = 2) -> float | None:
+    """Largest |logit| difference on `samples` rows between the trained model as it sits in the launch (sharded
+    under ZeRO-3 / FSDP: every process takes part in its forward) and the adapter just saved in output_dir,
+    reloaded whole on the main process as `docvlm predict --adapter` loads it; None on the other processes."""
+    import torch
+    from accelerate import PartialState
+
+    from docvlm.distributed import whole_model_loading
+    from docvlm.export import load_for_inference
+    from docvlm.modeling import autocast_for
+
+    state = PartialState()
+    batch = trainer.data_collator([rows[i] for i in range(samples)])
+    batch.pop("labels", None)
+    model = trainer.model.eval()
+    with torch.no_grad(), autocast_for(model):
+        before = model(**{k: v.to(state.device) for k, v in batch.items()}).logits.float()
+    difference = None
+    if state.is_main_process:
+        with whole_model_loading():
+            reloaded = load_for_inference(adapter=trainer.args.output_dir)[0]
+            device = next(reloaded.parameters()).device
+            with torch.no_grad(), autocast_for(reloaded):
+                after = reloaded(**{k: v.to(device) for k, v in batch.items()}).logits.float()
+        difference = (before.to(after.device) - after).abs().max().item()
+        del reloaded
+    state.wait_for_everyone()
+    return difference
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -437,22 +473,29 @@ def versions() -> dict:
 
 
 def table(results: dict[str, dict]) -> str:
-    base = results.get("baseline", {}).get("samples_per_s")
-    lines = [
-        "| setup | samples/s | s/step | vs baseline | peak allocated GiB | peak reserved GiB | loss first → last |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    """One row a setup. Speed is compared with the notebook's setup when it ran, else with the first setup (for
+    bench-multi: one GPU). Memory is the largest over the setup's GPUs."""
+    reference = "baseline" if "baseline" in results else next(iter(results), "")
+    base = results.get(reference, {}).get("samples_per_s")
+    reload = any("reload_max_logit_diff" in r for r in results.values())
+    header = f"| setup | processes | samples/s | s/step | vs {reference} | peak allocated GiB / GPU "
+    header += "| peak reserved GiB / GPU | loss first → last |"
+    header += " reloaded adapter: max logit diff |" if reload else ""
+    lines = [header, "|---" * (9 if reload else 8) + "|"]
     for name, r in results.items():
         if "error" in r:
-            lines.append(f"| {name} | failed: {r['error']} | | | | | |")
+            lines.append(f"| {name} | | failed: {r['error']} | | | | | |" + (" |" if reload else ""))
             continue
         ratio = f"{r['samples_per_s'] / base:.2f}x" if base else "-"
         alloc = f"{r['peak_allocated_gib']:.2f}" if "peak_allocated_gib" in r else "-"
         reserved = f"{r['peak_reserved_gib']:.2f}" if "peak_reserved_gib" in r else "-"
         loss = f"{r['first_loss']:.3f} → {r['last_loss']:.3f}" if r["first_loss"] is not None else "-"
-        lines.append(
-            f"| {name} | {r['samples_per_s']:.2f} | {r['s_per_step']:.2f} | {ratio} | {alloc} | {reserved} | {loss} |"
-        )
+        row = f"| {name} | {r.get('processes', 1)} | {r['samples_per_s']:.2f} | {r['s_per_step']:.2f} | {ratio} | "
+        row += f"{alloc} | {reserved} | {loss} |"
+        if reload:
+            diff = r.get("reload_max_logit_diff")
+            row += f" {diff:.4f} |" if diff is not None else " - |"
+        lines.append(row)
     return "\n".join(lines)
 
 
@@ -477,9 +520,19 @@ def child(args) -> None:
         masked = args.child == "baseline-masked"
         result = run_baseline(model_dir, data_dir, args.steps, args.warmup, args.profile, masked)
     else:
-        result = run_recipe(args.child, model_dir, data_dir, args.steps, args.warmup, args.profile)
-    if PartialState().is_main_process:  # under a multi-process launch: its figures (GPU 0's memory), written once
-        Path(args.result).write_text(json.dumps({**result, "processes": PartialState().num_processes}))
+        from docvlm.distributed import WEIGHT_SHARDING, launch_mode
+
+        check = args.check_reload and launch_mode() in WEIGHT_SHARDING
+        result = run_recipe(args.child, model_dir, data_dir, args.steps, args.warmup, args.profile, check)
+    state = PartialState()
+    if state.num_processes > 1:  # memory is per GPU: report the largest; the other figures are the main process's
+        from accelerate.utils import gather_object
+
+        for key in ("peak_allocated_gib", "peak_reserved_gib"):
+            if key in result:
+                result[key] = max(gather_object([result[key]]))
+    if state.is_main_process:
+        Path(args.result).write_text(json.dumps({**result, "processes": state.num_processes}))
 
 
 def launcher(setup: str) -> tuple[list[str], str]:
@@ -526,6 +579,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pages", type=int, default=200, help="synthetic pages to render (each sample is one)")
     parser.add_argument("--out", default="outputs/bench", help="folder for bench.json and bench.md")
     parser.add_argument("--profile", action="store_true", help="print a profiler table for two timed steps")
+    parser.add_argument(
+        "--check-reload",
+        action="store_true",
+        help="for ZeRO-3 and FSDP setups: reload the saved adapter whole on one GPU and report the largest logit "
+        "difference from the trained (sharded) model on two pages",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -566,6 +625,7 @@ def main(argv: list[str] | None = None) -> int:
             "--pages",
             str(args.pages),
             *(["--profile"] if args.profile else []),
+            *(["--check-reload"] if args.check_reload else []),
         ]
         print(f"\n=== {setup} ===", flush=True)
         env = dict(os.environ)

@@ -364,14 +364,28 @@ def report_meta(data_args, model_args, adapter_dir: Path) -> dict:
     }
 
 
-def run_eval(argv: list[str] | None = None) -> dict:
-    """`docvlm eval --config recipe.yaml [--adapter DIR]`: before/after report for a trained adapter."""
+def load_trained(model_args, training_args, base_path: str, run_dir: Path):
+    """A training run's model, whole on this process's device, as `docvlm.train` trained it: the 4-bit base with
+    the saved adapter, or the saved full weights when no adapter was trained."""
     from peft import PeftModel
 
+    from docvlm.distributed import whole_model_loading
+    from docvlm.modeling import load_model, training_dtype
+
+    dtype = training_dtype(training_args)
+    with whole_model_loading():
+        if not (Path(run_dir) / "adapter_config.json").is_file():
+            return load_model(model_args, dtype, str(run_dir), training_args.trust_remote_code, quantize=False).eval()
+        base = load_model(model_args, dtype, base_path, training_args.trust_remote_code)
+        return PeftModel.from_pretrained(base, str(run_dir)).eval()
+
+
+def run_eval(argv: list[str] | None = None) -> dict:
+    """`docvlm eval --config recipe.yaml [--adapter DIR]`: before/after report for a trained adapter."""
     from docvlm.config import UserError, parse_recipe
     from docvlm.data import load_splits
     from docvlm.hub import check_recipe_sources
-    from docvlm.modeling import disable_cudnn_attention, load_model, load_processor, model_path, training_dtype
+    from docvlm.modeling import disable_cudnn_attention, load_processor, model_path
 
     data_args, model_args, training_args, eval_args = parse_recipe(argv)
     adapter = Path(eval_args.adapter or training_args.output_dir)
@@ -383,8 +397,7 @@ def run_eval(argv: list[str] | None = None) -> dict:
     processor = load_processor(model_args, str(adapter))
     if not training_args.cudnn_attention:
         disable_cudnn_attention()  # generation meets a new length at every token
-    base = load_model(model_args, training_dtype(training_args), path, training_args.trust_remote_code)
-    model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    model = load_trained(model_args, training_args, path, adapter)
     return evaluate_model(
         model,
         processor,

@@ -95,9 +95,17 @@ def quantization_config(args: ModelArguments, compute_dtype: torch.dtype):
 
 
 def load_model(
-    args: ModelArguments, compute_dtype: torch.dtype, path: str, trust_remote_code: bool = False, quantize: bool = True
+    args: ModelArguments,
+    compute_dtype: torch.dtype,
+    path: str,
+    trust_remote_code: bool = False,
+    quantize: bool = True,
+    place: bool = True,
 ):
-    """The base model as the recipe describes it (4-bit unless `quantize` is False), weights from safetensors."""
+    """The base model as the recipe describes it (4-bit unless `quantize` is False), weights from safetensors.
+
+    `place`: put the weights on this process's GPU while loading; False under ZeRO-3 and FSDP, which place the
+    shards themselves (bitsandbytes still quantizes on the current GPU)."""
     from accelerate import PartialState
     from transformers import AutoModelForImageTextToText
 
@@ -110,11 +118,11 @@ def load_model(
         "trust_remote_code": trust_remote_code,
         "use_safetensors": True,
     }
-    if quant is not None and torch.cuda.is_available():
+    if place and quant is not None and torch.cuda.is_available():
         # bitsandbytes needs the weights placed at load time; each process takes its own GPU.
         kwargs["device_map"] = {"": PartialState().local_process_index}
     model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
-    if quant is None and torch.cuda.is_available() and not PartialState().use_distributed:
+    if place and quant is None and torch.cuda.is_available() and not PartialState().use_distributed:
         model.to("cuda")
     return model
 

@@ -173,7 +173,8 @@ HELP_OVERRIDES = {
     "attn_implementation": "The attention kernel: eager, sdpa, flash_attention_2 (pip install flash-attn).",
     "trust_remote_code": "Allow models and processors that ship custom code on the Hub.",
     "load_in_4bit": "Load the base model in 4 bit (QLoRA); works only with LoRA.",
-    "bnb_4bit_quant_storage": "The dtype that stores the 4-bit weights (unset: uint8).",
+    "bnb_4bit_quant_storage": "The dtype that stores the 4-bit weights (unset: uint8; under DeepSpeed ZeRO-3, the "
+    "training dtype, set by docvlm).",
     "use_peft": "Train a LoRA adapter; false fine-tunes all the weights.",
     "dataset_name": "A Hub id, a local path (parquet / jsonl / csv file or folder, a save_to_disk folder, an image "
     "folder with metadata.jsonl) or the offline fixture docvlm:tiny-docs.",

@@ -93,7 +93,10 @@ def resolve(name_or_path: str | None) -> str | None:
     target = cache_root() / f"{name_or_path[len(PREFIX) :]}-v{FIXTURE_VERSION}"
     if not (target / "COMPLETE").exists():
         print(f"Building the offline fixture {name_or_path} into {target} (once; later runs reuse it)", file=sys.stderr)
-        build_atomically(builders[name_or_path], target)
+        from docvlm.distributed import whole_model_loading
+
+        with whole_model_loading():  # under ZeRO-3, the fixture is still built as one process builds it
+            build_atomically(builders[name_or_path], target)
     return str(target)
 
 

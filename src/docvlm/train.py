@@ -84,7 +84,14 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
     from docvlm.collator import DocVQACollator
     from docvlm.config import parse_recipe
     from docvlm.data import load_splits
-    from docvlm.evaluate import evaluate_model, report_meta
+    from docvlm.distributed import (
+        WEIGHT_SHARDING,
+        launch_mode,
+        prepare_recipe_for,
+        refuse_unsupported_switches,
+        whole_model_loading,
+    )
+    from docvlm.evaluate import evaluate_model, load_trained, report_meta
     from docvlm.hub import check_recipe_sources
     from docvlm.modeling import (
         checkpoint_connector,
@@ -104,6 +111,9 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
     data_args, model_args, training_args, eval_args = parse_recipe(argv)
     set_seed(training_args.seed)
 
+    mode = launch_mode()
+    mode_changes = prepare_recipe_for(mode, model_args, training_args)
+    refuse_unsupported_switches(mode, training_args)
     check_one_gpu_per_process()
     check_recipe_sources(model_args, data_args)
     check_push(training_args)
@@ -115,7 +125,10 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
         use_expandable_segments()  # before the model takes its memory
     if not training_args.cudnn_attention:
         disable_cudnn_attention()
-    model = load_model(model_args, training_dtype(training_args), path, training_args.trust_remote_code)
+    sharded = mode in WEIGHT_SHARDING
+    model = load_model(
+        model_args, training_dtype(training_args), path, training_args.trust_remote_code, place=not sharded
+    )
     if training_args.vision_tower_no_grad:
         # a model without a separate vision tower has nothing to skip
         frozen_vision_without_grad(model, training_args.vision_tower_pages)
@@ -145,6 +158,7 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
     )
     keep_trainable_fp32(trainer.model)
     if trainer.accelerator.is_main_process:
+        print(f"Launch: {mode}" + "".join(f"\n  set for {mode}: {change}" for change in mode_changes))
         print(training_args.batch_summary())
         save_resolved_recipe(output_dir / "recipe.yaml", data_args, model_args, training_args, eval_args)
 
@@ -163,15 +177,15 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
         trainer.save_state()  # again, so that trainer_state.json (and the loss plot) has the final eval loss
         metrics.update(eval_metrics)
     if eval_dataset is not None and eval_args.eval_after_training:
-        if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
-            # the weights are sharded across processes, so no process can generate alone
-            print(
-                "Generation eval not run under DeepSpeed / FSDP: run "
-                f"`docvlm eval --config <recipe> --adapter {output_dir}` on one GPU."
-            )
-        else:  # one process, or DDP: each process answers a shard, the main process writes the report
+        # Each process answers a shard of the questions and the main process writes the report. Under ZeRO-3 and
+        # FSDP no process holds the whole model, so each loads the adapter just saved, whole, on its own GPU.
+        if sharded:
+            evaluated = load_trained(model_args, training_args, path, output_dir)
+        else:
+            evaluated = trainer.accelerator.unwrap_model(trainer.model)
+        with whole_model_loading():  # a whole model: generate() must not wait for the other processes each token
             report = evaluate_model(
-                trainer.accelerator.unwrap_model(trainer.model),
+                evaluated,
                 processor,
                 eval_dataset,
                 data_args.instruction,
@@ -182,7 +196,8 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
                 compare_base=eval_args.eval_compare_base,
                 train_rows=train_dataset,
             )
-            metrics.update({f"generation_{k}": v for k, v in report["systems"]["after"].items()})
+        metrics.update({f"generation_{k}": v for k, v in report["systems"]["after"].items()})
+        del evaluated
     trainer.create_model_card()  # again, now with the evaluation numbers
     if training_args.push_to_hub:
         trainer.push_to_hub(commit_message="docvlm: adapter, processor and evaluation report")

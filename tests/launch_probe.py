@@ -1,0 +1,25 @@
+"""Launched by tests/test_distributed.py under a multi-process accelerate config: train the tiny recipe, then
+compare the trained model's logits (sharded under ZeRO-3 / FSDP) with those of the adapter it saved, reloaded
+whole; the main process writes {"reload_max_logit_diff": ...} to the JSON file named first.
+
+    accelerate launch --config_file accelerate_configs/<x>.yaml tests/launch_probe.py out.json --config ...
+"""
+
+import json
+import sys
+
+from docvlm import train
+from docvlm.bench import reload_logit_difference
+
+
+def main() -> None:
+    result_file, *argv = sys.argv[1:]
+    trainer, _ = train.run(argv)
+    difference = reload_logit_difference(trainer, trainer.train_dataset)
+    if trainer.accelerator.is_main_process:
+        with open(result_file, "w") as handle:
+            json.dump({"reload_max_logit_diff": difference}, handle)
+
+
+if __name__ == "__main__":
+    main()
