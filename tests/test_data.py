@@ -123,3 +123,61 @@ def test_tiny_fixture_has_docvqa_columns(tiny_dataset_path):
 def test_missing_local_path(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_splits(args(tmp_path / "nowhere"))
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def two_jsonl_splits(tmp_path, train_extra: dict, test_extra: dict):
+    PILImage.new("RGB", (20, 20), "white").save(tmp_path / "page.png")
+    write_jsonl(
+        tmp_path / "train.jsonl", [{"image": "page.png", "q": f"q{i}", "a": f"a{i}", **train_extra} for i in range(4)]
+    )
+    write_jsonl(
+        tmp_path / "test.jsonl", [{"image": "page.png", "q": f"t{i}", "a": f"b{i}", **test_extra} for i in range(2)]
+    )
+    return args(tmp_path, question_column="q", answers_column="a")
+
+
+def test_splits_whose_unused_nested_columns_differ_still_load(tmp_path):
+    """datasets reads a folder's splits into one schema and failed here; only the recipe's columns must agree."""
+    data = two_jsonl_splits(tmp_path, {"meta": {"scanner": 1}}, {"meta": {"source": "fax"}})
+    train, test = load_splits(data)
+    assert list(train["question"]) == ["q0", "q1", "q2", "q3"] and list(test["answers"]) == ["b0", "b1"]
+
+
+def test_a_mapped_column_of_the_wrong_type_names_the_split_file_and_column(tmp_path):
+    data = two_jsonl_splits(tmp_path, {}, {})
+    write_jsonl(tmp_path / "test.jsonl", [{"image": "page.png", "q": 7, "a": "b"}])
+    with pytest.raises(UserError, match=r"Column 'q' \(question_column\) in split 'test' of .* \(test.jsonl\) holds"):
+        load_splits(data)
+
+
+def test_one_column_in_two_roles_is_refused_naming_both(parquet_dir):
+    with pytest.raises(UserError, match="Column 'query.en' is both question_column and answers_column"):
+        load_splits(args(parquet_dir, answers_column="query.en"))
+
+
+def test_eval_split_size_holds_out_a_seeded_disjoint_split_numbered_as_in_the_file(tmp_path):
+    docvqa_like(20).to_parquet(str(tmp_path / "only.parquet"))
+    source = tmp_path / "only.parquet"
+    with pytest.raises(UserError, match="Set eval_split_size"):
+        load_splits(args(source))  # one file, no held-out split: the error says how to carve one
+    train, held_out = load_splits(args(source, eval_split_size=0.25))
+    assert len(train) == 15 and len(held_out) == 5
+    rows = list(held_out["row"])
+    assert sorted(list(train["row"]) + rows) == list(range(20))  # disjoint, nothing lost
+    assert list(held_out["question"]) == [f"q{row}" for row in rows]  # `row` is the row in the file
+    again = load_splits(args(source, eval_split_size=0.25))[1]
+    other_seed = load_splits(args(source, eval_split_size=0.25, eval_split_seed=7))[1]
+    assert list(again["row"]) == rows and list(other_seed["row"]) != rows
+    assert len(load_splits(args(source, eval_split_size=3))[1]) == 3  # a count
+    for bad in (0, 1.5, 20):
+        with pytest.raises(UserError, match=f"eval_split_size {bad} cannot hold rows out of the 20 rows"):
+            load_splits(args(source, eval_split_size=bad))
+
+
+def test_eval_split_size_refuses_a_dataset_that_has_the_test_split(parquet_dir):
+    with pytest.raises(UserError, match="eval_split_size is set, but .* already has a 'test' split"):
+        load_splits(args(parquet_dir, eval_split_size=0.5))

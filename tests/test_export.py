@@ -27,10 +27,28 @@ def test_training_ends_with_a_before_after_report(trained):
     assert set(report["systems"]) == {"blind", "before", "after"} and report["count"] == 8
     assert "generation_anls" in metrics
     md = (out / "report.md").read_text()
+    assert md.startswith("# Evaluation: recipes/tiny_docvqa.yaml\n")  # the recipe that was run
     assert "before (base model)" in md and "after (base + adapter)" in md and "![training loss](loss.png)" in md
     assert (out / "loss.png").is_file()
     lines = (out / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == 8 and {"question", "answers", "before", "after", "after_anls"} <= set(json.loads(lines[0]))
+
+
+def test_docvlm_eval_writes_its_own_report_beside_the_training_one(trained, tmp_path):
+    from docvlm.evaluate import run_eval
+
+    out, _, _ = trained
+    training_report = (out / "report.md").read_bytes()
+    recipe = tmp_path / "my-recipe.yaml"
+    recipe.write_text(open("recipes/tiny_docvqa.yaml").read())
+    argv = quick(out, "--adapter", str(out), "--eval_compare_base", "false")
+    argv[argv.index("--config") + 1] = str(recipe)
+    report = run_eval(argv)
+    assert (out / "report.md").read_bytes() == training_report  # never overwritten
+    assert (out / "eval" / "report.md").read_text().startswith(f"# Evaluation: {recipe}\n")
+    assert report["count"] == 8 and json.loads((out / "eval" / "report.json").read_text())["recipe"] == str(recipe)
+    with pytest.raises(UserError, match="eval_output_dir is the adapter folder"):
+        run_eval([*argv, "--eval_output_dir", str(out)])
 
 
 def test_merged_model_gives_the_same_greedy_answers_as_the_adapter_on_its_4bit_base(trained, tmp_path):

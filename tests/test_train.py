@@ -24,7 +24,8 @@ def test_outputs_are_saved(trained):
         assert (out / name).is_file(), name
     assert list(out.rglob("events.out.tfevents*")), "no TensorBoard logs"
     assert (out / "checkpoint-4").is_dir()
-    assert trainer.state.global_step == 4 and "eval_loss" in metrics
+    assert trainer.state.global_step == 4
+    assert "eval_loss" not in metrics  # the tiny recipe's eval_strategy is 'no': no loss evaluation was asked for
     resolved = (out / "recipe.yaml").read_text()
     assert "max_train_samples: 16" in resolved and "hub_token" not in resolved
 
@@ -34,7 +35,7 @@ def test_loss_is_finite_and_logged(trained):
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     losses = [h["loss"] for h in history if "loss" in h]
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
-    assert [h["step"] for h in history if "eval_loss" in h] == [4]  # the final evaluation, for the loss plot
+    assert not [h for h in history if "eval_loss" in h]  # eval_strategy 'no': no loss-evaluation pass
 
 
 def test_trainable_weights_stayed_fp32(trained):
@@ -150,3 +151,24 @@ def test_one_process_with_several_gpus_is_refused():
         patch.setattr(torch.cuda, "device_count", lambda: 2)
         with pytest.raises(UserError, match="2 GPUs are visible to this single process.*multi_gpu.yaml"):
             check_one_gpu_per_process()
+
+
+def test_the_loss_evaluation_runs_when_the_recipe_asks_for_it(tmp_path):
+    out = tmp_path / "with-eval-loss"
+    _, metrics = run(
+        quick(
+            out,
+            "--max_steps",
+            "2",
+            "--eval_strategy",
+            "steps",
+            "--eval_steps",
+            "2",
+            "--eval_after_training",
+            "false",
+            "--save_strategy",
+            "no",
+        )
+    )
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert "eval_loss" in metrics and 2 in [h["step"] for h in history if "eval_loss" in h]

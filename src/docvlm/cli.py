@@ -96,7 +96,8 @@ def _cpu_threads_per_process(args) -> int | None:
 EVAL_PREFACE = """usage: docvlm eval --config recipes/<recipe>.yaml [--adapter DIR] [--<field> <value> ...]
 
 Answer the recipe's held-out split with the base model and with base + adapter, and write predictions.jsonl,
-report.json, report.md (and loss.png) into the adapter folder (--adapter, default: the recipe's output_dir)."""
+report.json and report.md into <adapter>/eval (--eval_output_dir to choose), beside the report training wrote in
+the adapter folder (--adapter, default: the recipe's output_dir)."""
 
 
 def evaluate(argv: list[str]) -> int:

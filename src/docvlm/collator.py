@@ -69,6 +69,18 @@ class DocVQACollator:
         return self.rng.choice(answers) if self.answer_choice == "random" else answers[0]
 
     def __call__(self, rows: list[dict]) -> dict:
+        prompts, fulls, images = self._texts_and_images(rows)
+        # No truncation: cutting image tokens breaks the model ("Image features and image tokens do not match").
+        batch = self.processor(text=fulls, images=images, padding=True, padding_side="right", return_tensors="pt")
+        batch["labels"] = self._answer_labels(batch, prompts, fulls, rows)
+        return batch
+
+    def lengths(self, rows: list[dict]) -> list[int]:
+        """Each row's length in tokens, image tokens included, as a batch would hold it (for checks up front)."""
+        _, fulls, images = self._texts_and_images(rows)
+        return [len(ids) for ids in self.processor(text=fulls, images=images)["input_ids"]]
+
+    def _texts_and_images(self, rows: list[dict]):
         prompts, fulls, images = [], [], []
         for row in rows:
             where = f"Row {row.get('row', '?')}"
@@ -81,11 +93,7 @@ class DocVQACollator:
             prompts.append(prompt_text(self.processor, self.instruction, question))
             fulls.append(self.processor.apply_chat_template([user, assistant]))
             images.append([to_rgb(row.get("image"), where)])
-
-        # No truncation: cutting image tokens breaks the model ("Image features and image tokens do not match").
-        batch = self.processor(text=fulls, images=images, padding=True, padding_side="right", return_tensors="pt")
-        batch["labels"] = self._answer_labels(batch, prompts, fulls, rows)
-        return batch
+        return prompts, fulls, images
 
     def _answer_labels(self, batch, prompts, fulls, rows):
         """Keep labels on the answer and its <end_of_utterance>, counted from the end of each sequence.

@@ -44,6 +44,14 @@ class DataArguments(ScriptArguments):
     group_column: str | None = field(
         default=None, metadata={"help": "Optional column (e.g. question type) to break evaluation scores down by."}
     )
+    eval_split_size: float | None = field(
+        default=None,
+        metadata={
+            "help": "When the dataset has no dataset_test_split: hold this many training rows out for evaluation, a "
+            "fraction (0.1) or a count (200); drawn with eval_split_seed, never overlapping the training rows."
+        },
+    )
+    eval_split_seed: int = field(default=42, metadata={"help": "Seed of the eval_split_size draw (reproducible)."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only the first N evaluation rows."})
 
@@ -241,6 +249,13 @@ class EvalArguments:
         default=None,
         metadata={"help": "docvlm eval: the adapter folder to evaluate (unset: the recipe's output_dir)."},
     )
+    eval_output_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "docvlm eval: the folder for its report (unset: <adapter>/eval), never the adapter folder itself, "
+            "whose report is the one training wrote."
+        },
+    )
 
 
 def _cuda_available(use_cpu: bool) -> bool:
@@ -299,6 +314,14 @@ def load_recipe_yaml(path: str | Path) -> dict:
                 "Run `python -m docvlm.train --help` for the list of fields."
             )
     return data
+
+
+def recipe_argument(argv: list[str] | None = None) -> str:
+    """The recipe a command was given (`--config`), as reports name it."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" in argv and argv.index("--config") + 1 < len(argv):
+        return argv[argv.index("--config") + 1]
+    return "(command-line arguments only)"
 
 
 def parse_recipe(argv: list[str] | None = None):

@@ -32,8 +32,42 @@ def load_raw(name: str, config: str | None = None):
         if kind is None:
             raise UserError(f"Cannot read {path}: use one of {sorted(_DATA_FILE_TYPES)} or a folder.")
         return load_dataset(kind, data_files={"train": str(path)})
-    # A folder of split-named files (train.parquet, test.jsonl...), an image folder, or a Hub id.
-    return load_dataset(str(path) if path.is_dir() else name, config)
+    if path.is_dir():
+        return _load_folder(path, config)
+    return load_dataset(name, config)  # a Hub id
+
+
+def _load_folder(path: Path, config: str | None):
+    """A folder of split-named data files (train.jsonl, test.parquet...) or an image folder.
+
+    datasets reads every split of a folder into one schema, so two jsonl splits whose *unused* nested columns differ
+    fail to load at all. Data files are read split by split instead: only the columns the recipe maps must agree.
+    """
+    from datasets import DatasetDict, load_dataset, load_dataset_builder
+
+    builder = load_dataset_builder(str(path), config)
+    if builder.name not in ("json", "csv", "parquet"):
+        return load_dataset(str(path), config)  # an image folder (with metadata.jsonl / .csv) reads its own way
+    files = {str(split): list(names) for split, names in builder.config.data_files.items()}
+    return DatasetDict(
+        {split: load_dataset(builder.name, data_files={split: names})[split] for split, names in files.items()}
+    )
+
+
+def split_files(source: str) -> dict[str, str]:
+    """For error messages: the data files behind each split of a local folder ({'test': 'test.jsonl'})."""
+    from datasets import load_dataset_builder
+
+    path = Path(source).expanduser()
+    if path.is_file():
+        return {"train": path.name}
+    if not path.is_dir() or (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+        return {}
+    try:
+        data_files = load_dataset_builder(str(path)).config.data_files or {}
+    except Exception:  # only a message depends on it
+        return {}
+    return {str(split): ", ".join(Path(name).name for name in names) for split, names in data_files.items()}
 
 
 def column_names(dataset) -> list[str]:
@@ -58,6 +92,7 @@ def map_columns(dataset, args: DataArguments, split: str, source: str, base_dir:
     wanted = {"image": args.image_column, "question": args.question_column, "answers": args.answers_column}
     if args.group_column:
         wanted["group"] = args.group_column
+    check_distinct_roles(wanted)
     present = column_names(dataset)
     for role, column in wanted.items():
         if column not in present:
@@ -72,9 +107,49 @@ def map_columns(dataset, args: DataArguments, split: str, source: str, base_dir:
         dataset = dataset.flatten()
     dataset = dataset.select_columns([*wanted.values(), "row"])
     dataset = dataset.rename_columns({column: role for role, column in wanted.items() if column != role})
+    _check_text_columns(dataset, args, split, source)
     if not isinstance(dataset.features["image"], Image):
         dataset = _cast_image_paths(dataset, args.image_column, source, base_dir)
     return dataset
+
+
+def check_distinct_roles(wanted: dict[str, str]) -> None:
+    """One column in two roles (a question that is its own answer) would train nothing useful."""
+    seen = {}
+    for role, column in wanted.items():
+        if column in seen:
+            raise UserError(
+                f"Column '{column}' is both {seen[column]}_column and {role}_column in the recipe: each role needs "
+                "its own column."
+            )
+        seen[column] = role
+
+
+def _check_text_columns(dataset, args: DataArguments, split: str, source: str) -> None:
+    """Questions must be text and answers text or lists of text: say which file and column hold something else."""
+    from datasets import LargeList, List, Value
+
+    def is_text(feature) -> bool:
+        return isinstance(feature, Value) and feature.dtype in ("string", "large_string")
+
+    answers = dataset.features["answers"]
+    checks = (
+        ("question", args.question_column, is_text(dataset.features["question"]), "text"),
+        (
+            "answers",
+            args.answers_column,
+            is_text(answers) or (isinstance(answers, List | LargeList) and is_text(answers.feature)),
+            "text or a list of texts",
+        ),
+    )
+    for role, column, ok, expected in checks:
+        if not ok:
+            files = split_files(source).get(split)
+            where = f"split '{split}' of {source}" + (f" ({files})" if files else "")
+            raise UserError(
+                f"Column '{column}' ({role}_column) in {where} holds {dataset.features[role]}, but {role} must be "
+                f"{expected}. Convert that column, or point {role}_column at another."
+            )
 
 
 def _cast_image_paths(dataset, column: str, source: str, base_dir: Path | None):
@@ -117,21 +192,49 @@ def load_splits(args: DataArguments, need_eval: bool = True):
     base_dir = Path(source).expanduser()
     base_dir = base_dir.parent if base_dir.is_file() else base_dir if looks_local(source) else None
 
-    def split(name: str, limit: int | None):
+    def mapped(name: str):
         dataset = map_columns(raw[name], args, name, source, base_dir)
         _check_not_null(dataset, source, name, args)
+        return dataset
+
+    def first(dataset, limit: int | None):
         return dataset.select(range(min(limit, len(dataset)))) if limit is not None else dataset
 
     if args.dataset_train_split not in raw:
         raise UserError(
             f"Split '{args.dataset_train_split}' (dataset_train_split) not in {source}; it has {list(raw)}."
         )
-    train = split(args.dataset_train_split, args.max_train_samples)
+    if args.eval_split_size is not None:
+        if args.dataset_test_split in raw:
+            raise UserError(
+                f"eval_split_size is set, but {source} already has a '{args.dataset_test_split}' split "
+                "(dataset_test_split): remove eval_split_size, or name a split that does not exist."
+            )
+        # carved after mapping, so that `row` still numbers the rows of the file the user has
+        train, held_out = carve_eval_split(
+            mapped(args.dataset_train_split), args.eval_split_size, args.eval_split_seed, source
+        )
+        return first(train, args.max_train_samples), first(held_out, args.max_eval_samples)
+    train = first(mapped(args.dataset_train_split), args.max_train_samples)
     if args.dataset_test_split in raw:
-        return train, split(args.dataset_test_split, args.max_eval_samples)
+        return train, first(mapped(args.dataset_test_split), args.max_eval_samples)
     if need_eval:
         raise UserError(
             f"Split '{args.dataset_test_split}' (dataset_test_split) not in {source}; it has {list(raw)}. "
-            "Set dataset_test_split, or eval_strategy: 'no' and eval_after_training: false."
+            "Set eval_split_size (e.g. 0.1) to hold out part of the training rows, or dataset_test_split, or "
+            "eval_strategy: 'no' and eval_after_training: false."
         )
     return train, None
+
+
+def carve_eval_split(rows, size: float, seed: int, source: str):
+    """(train, held-out) from one split: a seeded draw of `size` rows (a fraction below 1, else a count), so the
+    same recipe always holds out the same rows and no row is in both."""
+    count = round(size * len(rows)) if 0 < size < 1 else int(size)
+    if size <= 0 or (size > 1 and size != int(size)) or not 1 <= count < len(rows):
+        raise UserError(
+            f"eval_split_size {size} cannot hold rows out of the {len(rows)} rows of {source}: use a fraction "
+            "between 0 and 1 (0.1) or a whole number of rows below the total."
+        )
+    parts = rows.train_test_split(test_size=count, seed=seed, shuffle=True)
+    return parts["train"].sort("row"), parts["test"].sort("row")  # in file order: max_*_samples keep the first

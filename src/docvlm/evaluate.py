@@ -7,6 +7,7 @@ no threshold.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -353,10 +354,10 @@ def terminal_summary(summary: dict, meta: dict, out_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def report_meta(data_args, model_args, adapter_dir: Path) -> dict:
-    """What the report says it evaluated."""
+def report_meta(data_args, model_args, adapter_dir: Path, recipe: str) -> dict:
+    """What the report says it evaluated; `recipe` is the recipe the command was given."""
     return {
-        "recipe": (Path(adapter_dir) / "recipe.yaml").as_posix(),
+        "recipe": recipe,
         "model": model_args.model_name_or_path,
         "dataset": data_args.dataset_name,
         "split": data_args.dataset_test_split,
@@ -382,19 +383,31 @@ def load_trained(model_args, training_args, base_path: str, run_dir: Path):
 
 def run_eval(argv: list[str] | None = None) -> dict:
     """`docvlm eval --config recipe.yaml [--adapter DIR]`: before/after report for a trained adapter."""
-    from docvlm.config import UserError, parse_recipe
+    from docvlm.config import UserError, parse_recipe, recipe_argument
     from docvlm.data import load_splits
     from docvlm.hub import check_recipe_sources
     from docvlm.modeling import disable_cudnn_attention, load_processor, model_path
+    from docvlm.preflight import long_answers
 
     data_args, model_args, training_args, eval_args = parse_recipe(argv)
     adapter = Path(eval_args.adapter or training_args.output_dir)
     if not (adapter / "adapter_config.json").is_file():
         raise UserError(f"No adapter in {adapter}: train first (`make train`) or pass --adapter <folder>.")
+    out_dir = Path(eval_args.eval_output_dir or adapter / "eval")
+    if out_dir.resolve() == adapter.resolve():
+        raise UserError(
+            f"eval_output_dir is the adapter folder {adapter}, whose report.md is the one training wrote: "
+            "leave eval_output_dir unset (<adapter>/eval) or name another folder."
+        )
+    if (out_dir / "report.json").is_file():
+        print(f"Replacing the earlier evaluation in {out_dir}/ (report.md, report.json, predictions.jsonl).")
     check_recipe_sources(model_args, data_args)
     path = model_path(model_args)
     train_rows, eval_rows = load_splits(data_args)
     processor = load_processor(model_args, str(adapter))
+    warning = long_answers(processor.tokenizer, eval_rows, eval_args.eval_max_new_tokens)
+    if warning:
+        print(f"docvlm: warning: {warning}", file=sys.stderr)
     if not training_args.cudnn_attention:
         disable_cudnn_attention()  # generation meets a new length at every token
     model = load_trained(model_args, training_args, path, adapter)
@@ -405,8 +418,8 @@ def run_eval(argv: list[str] | None = None) -> dict:
         data_args.instruction,
         eval_args.eval_max_new_tokens,
         training_args.per_device_eval_batch_size,
-        adapter,
-        report_meta(data_args, model_args, adapter),
+        out_dir,
+        report_meta(data_args, model_args, adapter, recipe_argument(argv)),
         compare_base=eval_args.eval_compare_base,
         train_rows=train_rows,
     )

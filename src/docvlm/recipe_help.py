@@ -83,6 +83,8 @@ HELP_SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "dataset_config",
             "dataset_train_split",
             "dataset_test_split",
+            "eval_split_size",
+            "eval_split_seed",
             "image_column",
             "question_column",
             "answers_column",
@@ -133,7 +135,7 @@ HELP_SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "hub_model_id",
         ),
     ),
-    ("Evaluation", ("eval_after_training", "eval_compare_base", "eval_max_new_tokens", "adapter")),
+    ("Evaluation", ("eval_after_training", "eval_compare_base", "eval_max_new_tokens", "adapter", "eval_output_dir")),
 )
 
 # Fields that --help never lists, not even --help-all: what docvlm refuses or never reads.

@@ -82,7 +82,7 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
     from docvlm import tiny
     from docvlm.card import adapter_card
     from docvlm.collator import DocVQACollator
-    from docvlm.config import parse_recipe
+    from docvlm.config import parse_recipe, recipe_argument
     from docvlm.data import load_splits
     from docvlm.distributed import (
         WEIGHT_SHARDING,
@@ -121,6 +121,7 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
     needs_eval = training_args.eval_strategy != "no" or eval_args.eval_after_training
     train_dataset, eval_dataset = load_splits(data_args, need_eval=needs_eval)
     processor = load_processor(model_args, path)
+    check_data_against_recipe(processor, train_dataset, eval_dataset, data_args, training_args, eval_args)
     if training_args.cuda_expandable_segments:
         use_expandable_segments()  # before the model takes its memory
     if not training_args.cudnn_attention:
@@ -170,7 +171,8 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
     trainer.save_state()
 
     metrics = dict(result.metrics)
-    if eval_dataset is not None:
+    if eval_dataset is not None and training_args.eval_strategy != "no":
+        # the loss on the held-out split, once more at the end; a recipe without eval_strategy asked for none
         eval_metrics = trainer.evaluate()
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
@@ -192,7 +194,7 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
                 eval_args.eval_max_new_tokens,
                 training_args.per_device_eval_batch_size,
                 output_dir,
-                meta=report_meta(data_args, model_args, output_dir),
+                meta=report_meta(data_args, model_args, output_dir, recipe_argument(argv)),
                 compare_base=eval_args.eval_compare_base,
                 train_rows=train_dataset,
             )
@@ -205,6 +207,24 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
         fixture = data_args.dataset_name == tiny.TINY_DATASET
         print(where_things_are(output_dir, training_args.report_to, page_hint=fixture))
     return trainer, metrics
+
+
+def check_data_against_recipe(processor, train_rows, eval_rows, data_args, training_args, eval_args) -> None:
+    """Before the model loads: rows too long for max_length stop here, not at the step that draws them, and held-out
+    answers too long for eval_max_new_tokens are announced, not discovered in the report."""
+    from accelerate import PartialState
+
+    from docvlm.collator import DocVQACollator
+    from docvlm.preflight import check_row_lengths, long_answers
+
+    checker = DocVQACollator(processor, data_args.instruction, training_args.max_length, "first")
+    check_row_lengths(checker, train_rows, training_args.max_length, data_args.dataset_train_split)
+    if eval_rows is not None and training_args.eval_strategy != "no":  # the loss evaluation batches them too
+        check_row_lengths(checker, eval_rows, training_args.max_length, data_args.dataset_test_split)
+    if eval_rows is not None and eval_args.eval_after_training:
+        warning = long_answers(processor.tokenizer, eval_rows, eval_args.eval_max_new_tokens)
+        if warning and PartialState().is_main_process:
+            print(f"docvlm: warning: {warning}", file=sys.stderr)
 
 
 def where_things_are(output_dir: Path, report_to, page_hint: bool = False) -> str:

@@ -1,0 +1,57 @@
+"""Checks on a sample of the rows before the model loads: a problem that would surface at step N of a long run,
+or only in the final report, is reported in the first minute with counts and what to change."""
+
+from __future__ import annotations
+
+from docvlm.errors import UserError
+
+ANSWER_SAMPLE = 2000  # answers are text only: cheap to tokenize
+ROW_SAMPLE = 64  # rows are decoded and resized pages: a few seconds for DocVQA scans
+
+
+def _spread(count: int, total: int) -> list[int]:
+    """`count` row indices spread evenly over `total` rows (the first rows are often alike)."""
+    if total <= count:
+        return list(range(total))
+    return [i * total // count for i in range(count)]
+
+
+def long_answers(tokenizer, rows, max_new_tokens: int, sample: int = ANSWER_SAMPLE) -> str | None:
+    """A warning when held-out answers cannot be generated whole within `eval_max_new_tokens`: they are cut, score
+    lower and never count as stopped. None when all fit. The end-of-answer token counts as one."""
+    indices = _spread(sample, len(rows))
+    answers = rows.select_columns(["answers"]).select(indices)["answers"]
+    too_long, longest = 0, 0
+    for accepted in answers:
+        texts = [accepted] if isinstance(accepted, str) else [a for a in accepted or [] if isinstance(a, str)]
+        if not texts:
+            continue
+        shortest = min(len(tokenizer(text.strip(), add_special_tokens=False)["input_ids"]) + 1 for text in texts)
+        longest = max(longest, shortest)
+        too_long += shortest > max_new_tokens
+    if not too_long:
+        return None
+    checked = "" if len(indices) == len(rows) else f" (of {len(indices)} checked)"
+    return (
+        f"{too_long} of {len(rows)} held-out answers{checked} are longer than eval_max_new_tokens "
+        f"({max_new_tokens} tokens): they will be cut in the evaluation, score lower, and never count as stopped. "
+        f"The longest needs {longest} tokens: set eval_max_new_tokens: {longest} to generate them whole."
+    )
+
+
+def check_row_lengths(collator, rows, max_length: int | None, split: str, sample: int = ROW_SAMPLE) -> None:
+    """Refuse before training when sampled rows are longer than `max_length` (image tokens included): the batch
+    holding one would stop the run when it is drawn, and image tokens cannot be truncated."""
+    if max_length is None or len(rows) == 0:
+        return
+    indices = _spread(sample, len(rows))
+    picked = rows.select(indices)
+    lengths = collator.lengths([picked[i] for i in range(len(picked))])
+    over = [(picked[i]["row"], n) for i, n in enumerate(lengths) if n > max_length]
+    if over:
+        row, worst = max(over, key=lambda item: item[1])
+        raise UserError(
+            f"{len(over)} of {len(indices)} sampled rows of split '{split}' are longer than max_length={max_length} "
+            f"tokens (image tokens included); the longest, row {row}, is {worst}. Raise max_length to at least "
+            f"{worst}, or lower image_longest_edge or the instruction's length: image tokens cannot be truncated."
+        )
