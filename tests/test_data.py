@@ -181,3 +181,68 @@ def test_eval_split_size_holds_out_a_seeded_disjoint_split_numbered_as_in_the_fi
 def test_eval_split_size_refuses_a_dataset_that_has_the_test_split(parquet_dir):
     with pytest.raises(UserError, match="eval_split_size is set, but .* already has a 'test' split"):
         load_splits(args(parquet_dir, eval_split_size=0.5))
+
+
+def trained_labels(processor, rows) -> list[str]:
+    """What the collator trains on for each row: the unmasked label tokens, decoded."""
+    from docvlm.collator import DocVQACollator
+
+    batch = DocVQACollator(processor, "Answer briefly.", None, "first")([rows[i] for i in range(len(rows))])
+    return [processor.tokenizer.decode(labels[labels != -100]) for labels in batch["labels"]]
+
+
+def test_key_value_rows_become_one_question_per_non_empty_field(tmp_path, processor, capsys):
+    page = PILImage.new("RGB", (60, 40), "white")
+    rows = [
+        {"image": page, "company": "ACME Ltd", "date": "2026-01-02", "address": "", "total": 12.5},
+        {"image": page, "company": "Bolt & Co", "date": None, "address": "1 Main St", "total": 7.0},
+    ]
+    Dataset.from_list(rows).to_parquet(str(tmp_path / "receipts.parquet"))
+    questions = {
+        "company": "What is the company name?",
+        "date": "What is the date?",
+        "address": "What is the address?",
+        "total": "What is the total amount?",
+    }
+    data = args(tmp_path / "receipts.parquet", field_questions=questions)
+    train, _ = load_splits(data, need_eval=False)
+    assert "2 rows became 6 questions (field_questions); empty, skipped: date 1, address 1." in capsys.readouterr().err
+    assert list(train["row"]) == [0, 0, 0, 1, 1, 1]  # each question keeps the row it came from
+    assert list(train["group"]) == ["company", "date", "total", "company", "address", "total"]  # ANLS by field
+    assert list(train["question"])[:3] == [questions["company"], questions["date"], questions["total"]]
+    expected = ["ACME Ltd", "2026-01-02", "12.5", "Bolt & Co", "1 Main St", "7.0"]
+    assert trained_labels(processor, train) == [f"{answer}<end_of_utterance>" for answer in expected]
+
+
+def test_a_list_of_question_answer_pairs_becomes_one_sample_per_pair(tmp_path, processor):
+    PILImage.new("RGB", (60, 40), "white").save(tmp_path / "page.png")
+    pairs = [
+        {"question": "Who signed it?", "answers": ["J. Smith", "John Smith"]},
+        {"question": "When?", "answer": "1996"},
+        {"question": "Empty?", "answers": []},  # nothing to learn: skipped and counted
+    ]
+    write_jsonl(tmp_path / "train.jsonl", [{"image": "page.png", "qa": pairs}, {"image": "page.png", "qa": pairs[1:2]}])
+    train, _ = load_splits(args(tmp_path / "train.jsonl", qa_pairs_column="qa"), need_eval=False)
+    assert list(train["question"]) == ["Who signed it?", "When?", "When?"] and list(train["row"]) == [0, 0, 1]
+    assert list(train["answers"])[0] == ["J. Smith", "John Smith"]
+    expected = ["J. Smith<end_of_utterance>", "1996<end_of_utterance>", "1996<end_of_utterance>"]
+    assert trained_labels(processor, train) == expected  # answer_choice first: the first accepted answer
+
+
+def test_field_questions_name_a_missing_column_and_refuse_bad_settings(parquet_dir):
+    with pytest.raises(UserError, match="Column 'total' \\(field_questions\\) not found in split 'train'"):
+        load_splits(args(parquet_dir, field_questions={"total": "What is the total?"}))
+    with pytest.raises(ValueError, match="the question for 'total' is empty"):
+        args(parquet_dir, field_questions={"total": " "})
+    with pytest.raises(ValueError, match="Set one of field_questions and qa_pairs_column"):
+        args(parquet_dir, field_questions={"total": "What?"}, qa_pairs_column="qa")
+
+
+def test_a_carved_held_out_split_never_shares_a_page_with_training(tmp_path):
+    page = PILImage.new("RGB", (20, 20), "white")
+    rows = [{"image": page, "total": f"{i}.00", "date": f"{i}/01"} for i in range(10)]
+    Dataset.from_list(rows).to_parquet(str(tmp_path / "r.parquet"))
+    questions = {"total": "What is the total?", "date": "What is the date?"}
+    train, held_out = load_splits(args(tmp_path / "r.parquet", field_questions=questions, eval_split_size=0.2))
+    assert len(set(held_out["row"])) == 2 and len(held_out) == 4  # 2 of 10 receipts, both their questions
+    assert not set(train["row"]) & set(held_out["row"])

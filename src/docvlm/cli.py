@@ -272,7 +272,7 @@ def fixtures(argv: list[str]) -> int:
         parser.error("--count must be at least 1")
     from docvlm import tiny
 
-    for name in (tiny.TINY_MODEL, tiny.TINY_DATASET):
+    for name in (tiny.TINY_MODEL, tiny.TINY_DATASET, tiny.TINY_RECEIPTS):
         print(f"{name}: {tiny.resolve(name)}")
     if args.export_pages:
         questions = tiny.export_pages(Path(args.export_pages), args.count)

@@ -9,6 +9,7 @@ data fields, a few loading knobs, an automatic precision switch, and errors that
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import sys
 from dataclasses import dataclass, field, fields
@@ -41,6 +42,21 @@ class DataArguments(ScriptArguments):
     instruction: str = field(
         default="Answer briefly.", metadata={"help": "Text placed before the image in every user turn."}
     )
+    field_questions: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Key-value rows (one row per document, a column per field): {column: question}, e.g. {total: "
+            "'What is the total amount?'}. Each non-empty field becomes one sample with that question and the "
+            "field's value as its answer; question_column and answers_column are not used."
+        },
+    )
+    qa_pairs_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "A column holding a list of {question, answers} (or {question, answer}) per page: each pair "
+            "becomes one sample; question_column and answers_column are not used."
+        },
+    )
     group_column: str | None = field(
         default=None, metadata={"help": "Optional column (e.g. question type) to break evaluation scores down by."}
     )
@@ -54,6 +70,24 @@ class DataArguments(ScriptArguments):
     eval_split_seed: int = field(default=42, metadata={"help": "Seed of the eval_split_size draw (reproducible)."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only the first N evaluation rows."})
+
+    def __post_init__(self):
+        if isinstance(self.field_questions, str):  # from the command line, as JSON
+            try:
+                self.field_questions = json.loads(self.field_questions)
+            except json.JSONDecodeError:
+                raise ValueError(
+                    "field_questions must map columns to questions, e.g. --field_questions "
+                    '\'{"total": "What is the total amount?"}\''
+                ) from None
+        if self.field_questions is not None:
+            if not isinstance(self.field_questions, dict) or not self.field_questions:
+                raise ValueError("field_questions must map at least one column to its question.")
+            for column, question in self.field_questions.items():
+                if not isinstance(question, str) or not question.strip():
+                    raise ValueError(f"field_questions: the question for '{column}' is empty or not text.")
+            if self.qa_pairs_column:
+                raise ValueError("Set one of field_questions and qa_pairs_column: they describe different rows.")
 
 
 @dataclass

@@ -7,6 +7,7 @@ re-encoded here: pages are decoded lazily, batch by batch, in the collator.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from docvlm import tiny
@@ -86,12 +87,18 @@ def column_names(dataset) -> list[str]:
 
 
 def map_columns(dataset, args: DataArguments, split: str, source: str, base_dir: Path | None = None):
-    """Select the recipe's image/question/answers columns and rename them to the canonical ones."""
+    """Select the recipe's image/question/answers columns and rename them to the canonical ones; rows of several
+    questions (field_questions, qa_pairs_column) first become one row per question."""
     from datasets import Image
 
     wanted = {"image": args.image_column, "question": args.question_column, "answers": args.answers_column}
     if args.group_column:
         wanted["group"] = args.group_column
+    if args.field_questions or args.qa_pairs_column:
+        dataset = one_row_per_question(dataset, args, split, source)
+        wanted.update(question=EXPANDED["question"], answers=EXPANDED["answers"])
+        if args.field_questions and not args.group_column:
+            wanted["group"] = EXPANDED["field"]  # scores broken down by field, unless the recipe groups otherwise
     check_distinct_roles(wanted)
     present = column_names(dataset)
     for role, column in wanted.items():
@@ -100,9 +107,12 @@ def map_columns(dataset, args: DataArguments, split: str, source: str, base_dir:
                 f"Column '{column}' ({role}_column) not found in split '{split}' of {source}. "
                 f"Columns present: {', '.join(present)}. Set {role}_column in the recipe."
             )
-    if "row" in present:
-        dataset = dataset.rename_column("row", "_row")
-    dataset = dataset.add_column("row", list(range(len(dataset))))
+    if EXPANDED["row"] not in present:  # expanded rows already carry the row they came from
+        if "row" in present:
+            dataset = dataset.rename_column("row", "_row")
+        dataset = dataset.add_column("row", list(range(len(dataset))))
+    else:
+        dataset = dataset.rename_column(EXPANDED["row"], "row")
     if any("." in column for column in wanted.values()):
         dataset = dataset.flatten()
     dataset = dataset.select_columns([*wanted.values(), "row"])
@@ -111,6 +121,102 @@ def map_columns(dataset, args: DataArguments, split: str, source: str, base_dir:
     if not isinstance(dataset.features["image"], Image):
         dataset = _cast_image_paths(dataset, args.image_column, source, base_dir)
     return dataset
+
+
+# The columns one_row_per_question writes; unusual names, so that they never meet a dataset's own.
+EXPANDED = {
+    "question": "_docvlm_question",
+    "answers": "_docvlm_answers",
+    "row": "_docvlm_row",
+    "field": "_docvlm_field",
+}
+
+
+def one_row_per_question(dataset, args: DataArguments, split: str, source: str):
+    """Rows that hold several questions about one page become one row per question, each keeping its page and the
+    number of the row it came from: key-value rows (field_questions: each non-empty field, asked by the recipe's
+    question for it) or a list of {question, answers} pairs (qa_pairs_column). Pages are carried undecoded."""
+    from datasets import Image
+
+    present = column_names(dataset)
+    sources = list(args.field_questions) if args.field_questions else [args.qa_pairs_column]
+    key = "field_questions" if args.field_questions else "qa_pairs_column"
+    carried = [args.image_column, *([args.group_column] if args.group_column else [])]  # copied to each question
+    for column in [*carried, *sources]:
+        if column not in present:
+            role = {args.image_column: "image_column", args.group_column: "group_column"}.get(column, key)
+            raise UserError(
+                f"Column '{column}' ({role}) not found in split '{split}' of {source}. "
+                f"Columns present: {', '.join(present)}."
+            )
+    if any("." in column for column in sources):
+        dataset = dataset.flatten()
+    dataset = dataset.select_columns(list(dict.fromkeys([*carried, *sources])))
+    if isinstance(dataset.features[args.image_column], Image):
+        dataset = dataset.cast_column(args.image_column, Image(decode=False))
+    skipped = dict.fromkeys(sources, 0)
+
+    def text(value) -> str:
+        return "" if value is None else str(value).strip()
+
+    def expand(batch, indices):
+        out = {**{column: [] for column in carried}, **{name: [] for name in EXPANDED.values()}}
+
+        def add(i, index, question, answers, field):
+            for column in carried:
+                out[column].append(batch[column][i])
+            out[EXPANDED["question"]].append(question)
+            out[EXPANDED["answers"]].append(answers)
+            out[EXPANDED["row"]].append(index)
+            out[EXPANDED["field"]].append(field)
+
+        for i, index in enumerate(indices):
+            if args.field_questions:
+                for column, question in args.field_questions.items():
+                    if text(batch[column][i]):
+                        add(i, index, question, [text(batch[column][i])], column)
+                    else:
+                        skipped[column] += 1
+                continue
+            for pair in batch[args.qa_pairs_column][i] or []:
+                if not isinstance(pair, dict) or "question" not in pair or not ({"answers", "answer"} & set(pair)):
+                    raise UserError(
+                        f"Row {index} of split '{split}' in {source}: each item of '{args.qa_pairs_column}' "
+                        f"(qa_pairs_column) must be {{question, answers}} or {{question, answer}}, got {pair!r}."
+                    )
+                answers = pair.get("answers") if pair.get("answers") is not None else pair.get("answer")
+                answers = [text(a) for a in ([answers] if not isinstance(answers, list) else answers) if text(a)]
+                if text(pair["question"]) and answers:
+                    add(i, index, text(pair["question"]), answers, "")
+                else:
+                    skipped[args.qa_pairs_column] += 1
+        return out
+
+    expanded = dataset.map(
+        expand,
+        batched=True,
+        with_indices=True,
+        remove_columns=dataset.column_names,
+        load_from_cache_file=False,  # the skipped counts are taken while mapping
+        desc=f"One row per question ({split})",
+    )
+    if isinstance(dataset.features[args.image_column], Image):
+        expanded = expanded.cast_column(args.image_column, Image())
+    _say_what_expanded(len(dataset), len(expanded), skipped, split, key)
+    return expanded
+
+
+def _say_what_expanded(rows: int, samples: int, skipped: dict[str, int], split: str, key: str) -> None:
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return
+    empty = ", ".join(f"{name} {count}" for name, count in skipped.items() if count)
+    print(
+        f"Split '{split}': {rows} rows became {samples} questions ({key})"
+        + (f"; empty, skipped: {empty}." if empty else "."),
+        file=sys.stderr,
+    )
 
 
 def check_distinct_roles(wanted: dict[str, str]) -> None:
@@ -228,13 +334,19 @@ def load_splits(args: DataArguments, need_eval: bool = True):
 
 
 def carve_eval_split(rows, size: float, seed: int, source: str):
-    """(train, held-out) from one split: a seeded draw of `size` rows (a fraction below 1, else a count), so the
-    same recipe always holds out the same rows and no row is in both."""
-    count = round(size * len(rows)) if 0 < size < 1 else int(size)
-    if size <= 0 or (size > 1 and size != int(size)) or not 1 <= count < len(rows):
+    """(train, held-out) from one split: a seeded draw of `size` of its rows (a fraction below 1, else a count), so
+    the same recipe always holds out the same rows. The draw is over the dataset's own rows, not its questions: the
+    questions of one page (field_questions, qa_pairs_column) stay together, and no page is in both."""
+    import random
+
+    ids = sorted(set(rows["row"]))
+    count = round(size * len(ids)) if 0 < size < 1 else int(size)
+    if size <= 0 or (size > 1 and size != int(size)) or not 1 <= count < len(ids):
         raise UserError(
-            f"eval_split_size {size} cannot hold rows out of the {len(rows)} rows of {source}: use a fraction "
+            f"eval_split_size {size} cannot hold rows out of the {len(ids)} rows of {source}: use a fraction "
             "between 0 and 1 (0.1) or a whole number of rows below the total."
         )
-    parts = rows.train_test_split(test_size=count, seed=seed, shuffle=True)
-    return parts["train"].sort("row"), parts["test"].sort("row")  # in file order: max_*_samples keep the first
+    held = set(random.Random(seed).sample(ids, count))
+    train = rows.filter(lambda row: row not in held, input_columns="row", desc="Holding rows out")
+    held_out = rows.filter(lambda row: row in held, input_columns="row", desc="Holding rows out")
+    return train, held_out  # both in file order: max_*_samples keep the first

@@ -88,6 +88,8 @@ HELP_SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "image_column",
             "question_column",
             "answers_column",
+            "field_questions",
+            "qa_pairs_column",
             "answer_choice",
             "instruction",
             "group_column",

@@ -19,6 +19,7 @@ from pathlib import Path
 
 TINY_MODEL = "docvlm:tiny-idefics2"
 TINY_DATASET = "docvlm:tiny-docs"
+TINY_RECEIPTS = "docvlm:tiny-receipts"
 PREFIX = "docvlm:"
 
 # Bump when the fixture's recipe changes, so stale caches are rebuilt rather than reused.
@@ -87,7 +88,7 @@ def resolve(name_or_path: str | None) -> str | None:
     """
     if not name_or_path or not name_or_path.startswith(PREFIX):
         return name_or_path
-    builders = {TINY_MODEL: build_tiny_model, TINY_DATASET: build_tiny_dataset}
+    builders = {TINY_MODEL: build_tiny_model, TINY_DATASET: build_tiny_dataset, TINY_RECEIPTS: build_tiny_receipts}
     if name_or_path not in builders:
         raise ValueError(f"Unknown fixture {name_or_path!r}; the fixtures are {sorted(builders)}.")
     target = cache_root() / f"{name_or_path[len(PREFIX) :]}-v{FIXTURE_VERSION}"
@@ -332,6 +333,61 @@ def build_tiny_dataset(out_dir: Path) -> None:
         "Synthetic documents rendered by docvlm.tiny (invoices, receipts, order forms) in DocVQA's schema.\n"
     )
     (out_dir / "fixture.json").write_text(json.dumps({"train": TINY_TRAIN_SIZE, "test": TINY_TEST_SIZE}))
+
+
+# Receipts in the key-information-extraction layout: one row per receipt, one column per field, as receipt
+# datasets ship them (recipes/receipts_kie_qlora.yaml turns the fields into questions).
+TINY_RECEIPTS_SIZE = 400
+_RECEIPT_VALUES = {
+    "company": ["ACME TRADING", "SUNRISE MART", "KEDAI BUKU ALI", "NORTHWIND CAFE", "BLUE OAK HARDWARE"],
+    "date": ["03/01/2026", "17-04-2026", "25 JUL 2026", "2026.10.09", "11/12/2025"],
+    "address": [
+        "12 JALAN BESAR, 50000 KUALA LUMPUR",
+        "4 HARBOUR ROAD, SPRINGFIELD 62704",
+        "NO. 8, LORONG 3, TAMAN JAYA, 81100 JOHOR",
+        "221B MARKET STREET, LEEDS LS1 6DP",
+        "",  # a receipt without an address: the field is empty and skipped
+    ],
+    "total": ["5.00", "48.10", "1,205.99", "730.50", "12.35"],
+}
+
+
+def render_receipt(rng: random.Random, values: list[str]):
+    """A receipt-shaped page: the company, address, date and total one under the other, in smaller type than the
+    single-field documents, as receipts print them."""
+    from PIL import Image, ImageDraw
+
+    width, height = rng.choice([(360, 520), (400, 560)])
+    page = Image.new("L", (width, height), color=rng.randint(225, 255))
+    draw = ImageDraw.Draw(page)
+    y = 10
+    for value in values:
+        size = rng.randint(22, 28)
+        while size > 12 and draw.textlength(value, font=font(size)) > width - 12:
+            size -= 2
+        draw.text((6, y), value, fill=rng.randint(0, 40), font=font(size))
+        y += size + rng.randint(16, 30)
+    return page
+
+
+def build_tiny_receipts(out_dir: Path) -> None:
+    """One parquet file of receipts, one row per receipt with company, date, address (sometimes empty) and total
+    columns, and no held-out split: the recipe carves one (eval_split_size)."""
+    from datasets import Dataset, Features, Image, Value
+    from tqdm.auto import tqdm
+
+    rng = random.Random(3)
+    rows = []
+    for _ in tqdm(range(TINY_RECEIPTS_SIZE), desc="Rendering synthetic receipts", unit="page", leave=False):
+        values = {field: rng.choice(options) for field, options in _RECEIPT_VALUES.items()}
+        lines = [values["company"], values["address"], values["date"], f"TOTAL {values['total']}"]
+        rows.append({"image": render_receipt(rng, [line for line in lines if line]), **values})
+    features = Features({"image": Image(), **{field: Value("string") for field in _RECEIPT_VALUES}})
+    Dataset.from_list(rows, features=features).to_parquet(str(out_dir / "receipts.parquet"))
+    (out_dir / "README.md").write_text(
+        "---\npretty_name: docvlm tiny receipts\nlicense: apache-2.0\n---\n\n"
+        "Synthetic receipts rendered by docvlm.tiny: one row per receipt, a column per field.\n"
+    )
 
 
 def export_pages(out_dir: Path, count: int) -> Path:
