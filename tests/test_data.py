@@ -246,3 +246,17 @@ def test_a_carved_held_out_split_never_shares_a_page_with_training(tmp_path):
     train, held_out = load_splits(args(tmp_path / "r.parquet", field_questions=questions, eval_split_size=0.2))
     assert len(set(held_out["row"])) == 2 and len(held_out) == 4  # 2 of 10 receipts, both their questions
     assert not set(train["row"]) & set(held_out["row"])
+
+
+def test_a_folder_of_scans_with_a_metadata_csv_and_a_carved_held_out_split(tmp_path):
+    """The most common own-data layout: images in one folder, a CSV of file_name, question, answer beside them."""
+    lines = ["file_name,question,answer,notes"]
+    for i in range(10):
+        PILImage.new("RGB", (20, 20), (i, 0, 0)).save(tmp_path / f"scan-{i}.png")
+        lines.append(f'scan-{i}.png,"What is on page {i}?",value {i},{"" if i % 2 else "smudged"}')
+    (tmp_path / "metadata.csv").write_text("\n".join(lines) + "\n")
+    data = args(tmp_path, question_column="question", answers_column="answer", eval_split_size=2)
+    train, held_out = load_splits(data)
+    assert len(train) == 8 and len(held_out) == 2
+    row = held_out[0]["row"]
+    assert held_out[0]["answers"] == f"value {row}" and held_out[0]["image"].getpixel((0, 0)) == (row, 0, 0)

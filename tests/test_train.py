@@ -199,3 +199,32 @@ def test_the_receipts_recipe_trains_on_key_value_rows_with_no_code(tmp_path, cap
         "address",
         "total",
     }
+
+
+def test_the_local_folder_recipe_trains_on_a_folder_of_scans_and_a_csv(tmp_path):
+    """recipes/local_folder_qlora.yaml as documented: page images and a metadata.csv, no held-out split."""
+    import csv
+
+    from docvlm import tiny
+
+    scans = tmp_path / "my_scans"
+    questions = tiny.export_pages(scans, 40)  # held-out tiny pages stand in for the user's scans
+    items = [json.loads(line) for line in questions.read_text().splitlines()]
+    questions.unlink()  # the folder holds the images and the CSV only, as the recipe's header describes
+    with open(scans / "metadata.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file_name", "question", "answer"])
+        writer.writerows([item["image"], item["question"], item["answers"][0]] for item in items)
+    out = tmp_path / "run"
+    run(
+        [
+            *("--config", "recipes/local_folder_qlora.yaml", "--model_name_or_path", "docvlm:tiny-idefics2"),
+            *("--dataset_name", str(scans), "--output_dir", str(out), "--max_steps", "6"),
+            *("--per_device_train_batch_size", "6", "--learning_rate", "2e-3", "--warmup_steps", "0"),
+            *("--lora_modules_to_save", "lm_head", "--dataloader_num_workers", "0", "--save_strategy", "no"),
+            *("--logging_steps", "1", "--eval_compare_base", "false"),
+        ]
+    )
+    losses = [h["loss"] for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert json.loads((out / "report.json").read_text())["count"] == 4  # 10% of the 40 pages held out
