@@ -25,7 +25,7 @@ def load_raw(name: str, config: str | None = None):
     from datasets import DatasetDict, load_dataset, load_from_disk
 
     path = Path(name).expanduser()
-    if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
+    if _saved_with_save_to_disk(path):
         loaded = load_from_disk(str(path))
         return loaded if isinstance(loaded, DatasetDict) else DatasetDict({"train": loaded})
     if path.is_file():
@@ -36,6 +36,10 @@ def load_raw(name: str, config: str | None = None):
     if path.is_dir():
         return _load_folder(path, config)
     return load_dataset(name, config)  # a Hub id
+
+
+def _saved_with_save_to_disk(path: Path) -> bool:
+    return path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists())
 
 
 def _load_folder(path: Path, config: str | None):
@@ -62,7 +66,7 @@ def split_files(source: str) -> dict[str, str]:
     path = Path(source).expanduser()
     if path.is_file():
         return {"train": path.name}
-    if not path.is_dir() or (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+    if not path.is_dir() or _saved_with_save_to_disk(path):
         return {}
     try:
         data_files = load_dataset_builder(str(path)).config.data_files or {}

@@ -63,12 +63,15 @@ def prepare_recipe_for(mode: str, model_args, training_args) -> list[str]:
     if mode in WEIGHT_SHARDING and model_args.load_in_8bit:
         raise UserError(f"load_in_8bit is not supported under {mode}: use load_in_4bit (QLoRA) or multi_gpu.yaml.")
     if mode in WEIGHT_SHARDING and quantized:
-        compute = "bfloat16" if training_args.bf16 else "float16" if training_args.fp16 else "float32"
+        from docvlm.modeling import DTYPES, training_dtype
+
+        compute_dtype = training_dtype(training_args)
+        compute = str(compute_dtype).removeprefix("torch.")
         storage = model_args.bnb_4bit_quant_storage
         if storage in (None, "auto"):
             model_args.bnb_4bit_quant_storage = compute
             changes.append(f"bnb_4bit_quant_storage: {compute} ({mode} splits the 4-bit weights in the compute dtype)")
-        elif _dtype_name(storage) != compute:
+        elif DTYPES.get(storage) != compute_dtype:
             raise UserError(
                 f"bnb_4bit_quant_storage is {storage}, but under {mode} the 4-bit weights must be stored in the "
                 f"training dtype ({compute}): remove the key from the recipe (docvlm sets it) or set it to {compute}."
@@ -103,12 +106,6 @@ def refuse_unsupported_switches(mode: str, training_args) -> None:
             "would recompute the same layers. Set fsdp_activation_checkpointing: false (accelerate_configs/"
             "fsdp_qlora.yaml does) and keep the recipe's gradient_checkpointing."
         )
-
-
-def _dtype_name(name: str) -> str:
-    return {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}.get(
-        name, name
-    )
 
 
 @contextmanager

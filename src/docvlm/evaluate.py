@@ -7,7 +7,6 @@ no threshold.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -79,8 +78,8 @@ def generate(
     outputs = []
     from accelerate import PartialState
 
-    bar = not PartialState().is_local_main_process  # one progress bar a machine under multi-process launches
-    for start in tqdm(range(0, len(questions), batch_size), desc=desc, unit="batch", disable=bar):
+    quiet = not PartialState().is_local_main_process  # one progress bar a machine under multi-process launches
+    for start in tqdm(range(0, len(questions), batch_size), desc=desc, unit="batch", disable=quiet):
         qs = questions[start : start + batch_size]
         ims = [[to_rgb(image, f"Item {start + i}")] for i, image in enumerate(images[start : start + batch_size])]
         prompts = [prompt_text(processor, instruction, q) for q in qs]
@@ -387,7 +386,7 @@ def run_eval(argv: list[str] | None = None) -> dict:
     from docvlm.data import load_splits
     from docvlm.hub import check_recipe_sources
     from docvlm.modeling import disable_cudnn_attention, load_processor, model_path
-    from docvlm.preflight import long_answers
+    from docvlm.preflight import warn_long_answers
 
     data_args, model_args, training_args, eval_args = parse_recipe(argv)
     adapter = Path(eval_args.adapter or training_args.output_dir)
@@ -405,9 +404,7 @@ def run_eval(argv: list[str] | None = None) -> dict:
     path = model_path(model_args)
     train_rows, eval_rows = load_splits(data_args)
     processor = load_processor(model_args, str(adapter))
-    warning = long_answers(processor.tokenizer, eval_rows, eval_args.eval_max_new_tokens)
-    if warning:
-        print(f"docvlm: warning: {warning}", file=sys.stderr)
+    warn_long_answers(processor.tokenizer, eval_rows, eval_args.eval_max_new_tokens)
     if not training_args.cudnn_attention:
         disable_cudnn_attention()  # generation meets a new length at every token
     model = load_trained(model_args, training_args, path, adapter)

@@ -11,7 +11,7 @@ from docvlm import tiny
 from docvlm.config import ModelArguments, TrainConfig, UserError
 from docvlm.hub import check_source
 
-_DTYPES = {
+DTYPES = {  # the dtype names a recipe may use
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
     "float16": torch.float16,
@@ -49,9 +49,9 @@ def resolve_dtype(name: str | None, auto: torch.dtype) -> torch.dtype:
     """A recipe dtype ('auto', 'bfloat16', 'fp16'...) as a torch dtype; 'auto' means `auto`."""
     if name in (None, "auto"):
         return auto
-    if name not in _DTYPES:
+    if name not in DTYPES:
         raise UserError(f"Unknown dtype '{name}'; use auto, bfloat16, float16 or float32.")
-    return _DTYPES[name]
+    return DTYPES[name]
 
 
 def load_processor(args: ModelArguments, path: str):

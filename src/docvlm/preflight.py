@@ -3,7 +3,10 @@ or only in the final report, is reported in the first minute with counts and wha
 
 from __future__ import annotations
 
+import sys
+
 from docvlm.errors import UserError
+from docvlm.evaluate import as_list
 
 ANSWER_SAMPLE = 2000  # answers are text only: cheap to tokenize
 ROW_SAMPLE = 64  # rows are decoded and resized pages: a few seconds for DocVQA scans
@@ -23,7 +26,7 @@ def long_answers(tokenizer, rows, max_new_tokens: int, sample: int = ANSWER_SAMP
     answers = rows.select_columns(["answers"]).select(indices)["answers"]
     too_long, longest = 0, 0
     for accepted in answers:
-        texts = [accepted] if isinstance(accepted, str) else [a for a in accepted or [] if isinstance(a, str)]
+        texts = as_list(accepted)
         if not texts:
             continue
         shortest = min(len(tokenizer(text.strip(), add_special_tokens=False)["input_ids"]) + 1 for text in texts)
@@ -37,6 +40,15 @@ def long_answers(tokenizer, rows, max_new_tokens: int, sample: int = ANSWER_SAMP
         f"({max_new_tokens} tokens): they will be cut in the evaluation, score lower, and never count as stopped. "
         f"The longest needs {longest} tokens: set eval_max_new_tokens: {longest} to generate them whole."
     )
+
+
+def warn_long_answers(tokenizer, rows, max_new_tokens: int) -> None:
+    """Print long_answers' warning, once under a multi-process launch."""
+    from accelerate import PartialState
+
+    warning = long_answers(tokenizer, rows, max_new_tokens)
+    if warning and PartialState().is_main_process:
+        print(f"docvlm: warning: {warning}", file=sys.stderr)
 
 
 def check_row_lengths(collator, rows, max_length: int | None, split: str, sample: int = ROW_SAMPLE) -> None:

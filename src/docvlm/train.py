@@ -212,19 +212,16 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
 def check_data_against_recipe(processor, train_rows, eval_rows, data_args, training_args, eval_args) -> None:
     """Before the model loads: rows too long for max_length stop here, not at the step that draws them, and held-out
     answers too long for eval_max_new_tokens are announced, not discovered in the report."""
-    from accelerate import PartialState
-
     from docvlm.collator import DocVQACollator
-    from docvlm.preflight import check_row_lengths, long_answers
+    from docvlm.preflight import check_row_lengths, warn_long_answers
 
+    # its own collator: "first" draws nothing from the training collator's seeded answer choice
     checker = DocVQACollator(processor, data_args.instruction, training_args.max_length, "first")
     check_row_lengths(checker, train_rows, training_args.max_length, data_args.dataset_train_split)
     if eval_rows is not None and training_args.eval_strategy != "no":  # the loss evaluation batches them too
         check_row_lengths(checker, eval_rows, training_args.max_length, data_args.dataset_test_split)
     if eval_rows is not None and eval_args.eval_after_training:
-        warning = long_answers(processor.tokenizer, eval_rows, eval_args.eval_max_new_tokens)
-        if warning and PartialState().is_main_process:
-            print(f"docvlm: warning: {warning}", file=sys.stderr)
+        warn_long_answers(processor.tokenizer, eval_rows, eval_args.eval_max_new_tokens)
 
 
 def where_things_are(output_dir: Path, report_to, page_hint: bool = False) -> str:
