@@ -36,6 +36,7 @@ def _docvlm(*args):
         (["push", "--help"], 0),
         (["fixtures", "--help"], 0),
         (["fixtures", "--count", "0", "--export-pages", "x"], 2),
+        (["fixtures", "--metadata-csv"], 2),
     ],
 )
 def test_help_and_usage_errors_answer_without_importing_the_ml_stack(args, code):

@@ -135,3 +135,24 @@ def test_answer_choice(processor):
     assert len(seen) > 1
     single = [{"row": 0, "image": page(), "question": "Q?", "answers": "just one"}]
     assert processor.tokenizer.decode(label_tokens(first(single), 0)) == "just one<end_of_utterance>"
+
+
+def test_a_conversation_is_asked_its_last_question_with_the_turns_training_saw_before_it(processor):
+    import json
+
+    from docvlm.collator import Prompt
+
+    turns = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Total?"}]},
+        {"role": "assistant", "content": "$3"},
+        {"role": "user", "content": "Currency?"},
+        {"role": "assistant", "content": "USD"},
+    ]
+    row = {"row": 0, "image": [page()], "messages": json.dumps(turns)}
+    prompt = Prompt("Answer briefly.", "Be terse.")
+    batch = DocVQACollator(processor, prompt, max_length=512)([row])
+    asked = processor(text=[prompt_text(processor, prompt, row)], images=[[page().convert("RGB")]])["input_ids"][0]
+    ids = batch["input_ids"][0].tolist()
+    assert ids[: len(asked)] == list(asked)  # generation's prompt is training's text up to the last answer
+    assert processor.tokenizer.decode(ids[len(asked) :]) == "USD<end_of_utterance>\n"
+    assert processor.tokenizer.decode(label_tokens(batch, 0)) == "$3<end_of_utterance> USD<end_of_utterance>"

@@ -238,7 +238,7 @@ def test_field_questions_name_a_missing_column_and_refuse_bad_settings(parquet_d
         args(parquet_dir, field_questions={"total": "What?"}, qa_pairs_column="qa")
 
 
-def test_a_carved_held_out_split_never_shares_a_page_with_training(tmp_path):
+def test_a_carved_held_out_split_never_shares_a_page_with_training(tmp_path, capsys):
     page = PILImage.new("RGB", (20, 20), "white")
     rows = [{"image": page, "total": f"{i}.00", "date": f"{i}/01"} for i in range(10)]
     Dataset.from_list(rows).to_parquet(str(tmp_path / "r.parquet"))
@@ -246,6 +246,8 @@ def test_a_carved_held_out_split_never_shares_a_page_with_training(tmp_path):
     train, held_out = load_splits(args(tmp_path / "r.parquet", field_questions=questions, eval_split_size=0.2))
     assert len(set(held_out["row"])) == 2 and len(held_out) == 4  # 2 of 10 receipts, both their questions
     assert not set(train["row"]) & set(held_out["row"])
+    err = capsys.readouterr().err
+    assert "Held out 2 of the 10 rows of" in err and "4 questions held out, 16 to train on" in err
 
 
 def test_a_folder_of_scans_with_a_metadata_csv_and_a_carved_held_out_split(tmp_path):
@@ -260,3 +262,87 @@ def test_a_folder_of_scans_with_a_metadata_csv_and_a_carved_held_out_split(tmp_p
     assert len(train) == 8 and len(held_out) == 2
     row = held_out[0]["row"]
     assert held_out[0]["answers"] == f"value {row}" and held_out[0]["image"].getpixel((0, 0)) == (row, 0, 0)
+
+
+def conversation(*turns):
+    """[user, assistant, user, assistant...] texts; a user text starting with '#' gets a page before it."""
+    messages = []
+    for n, text in enumerate(turns):
+        if n % 2:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": text}]})
+        elif text.startswith("#"):
+            messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text[1:]}]})
+        else:
+            messages.append({"role": "user", "content": text})  # plain-string content, as many files have
+    return messages
+
+
+def test_multi_turn_conversations_train_every_assistant_turn_and_evaluate_the_last(tmp_path, processor):
+    page = PILImage.new("RGB", (60, 40), "white")
+    lines = [
+        {"images": ["a.png"], "messages": conversation("#What is the total?", "$12.50", "And the tax?", "$1.05")},
+        {
+            "images": ["a.png", "b.png"],
+            "messages": conversation("#Total of page 1?", "3", "#And of page 2?", "4 200,00 €", "Sum?", "4 203"),
+        },
+    ]
+    for name in ("a.png", "b.png"):
+        page.save(tmp_path / name)
+    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    train, _ = load_splits(args(tmp_path / "chat.jsonl", image_column="images", messages_column="messages"), False)
+    assert [len(pages) for pages in train["image"]] == [1, 2]  # paths resolved into pages, several a row
+    assert list(train["question"]) == ["And the tax?", "Sum?"] and list(train["answers"]) == [["$1.05"], ["4 203"]]
+    assert trained_labels(processor, train) == [
+        "$12.50<end_of_utterance> $1.05<end_of_utterance>",
+        "3<end_of_utterance> 4 200,00 €<end_of_utterance> 4 203<end_of_utterance>",
+    ]
+
+
+def test_a_conversation_whose_image_parts_and_pages_disagree_names_the_row(tmp_path):
+    PILImage.new("RGB", (60, 40), "white").save(tmp_path / "a.png")
+    lines = [
+        {"images": ["a.png"], "messages": conversation("#Total?", "3")},
+        {"images": ["a.png"], "messages": conversation("#Total?", "3", "#Again?", "3")},
+    ]
+    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    with pytest.raises(UserError, match=r"Row 1 of split 'train' .*messages_column.*2 image part\(s\) .* 1 page"):
+        load_splits(args(tmp_path / "chat.jsonl", image_column="images", messages_column="messages"), False)
+    for bad, message in (
+        (conversation("#Total?", "3", "And?"), "ends with a user turn"),
+        ([{"role": "robot", "content": "hi"}], "role one of system, user, assistant"),
+        (conversation("#Total?", " "), "empty assistant turn"),
+    ):
+        (tmp_path / "chat.jsonl").write_text(json.dumps({"images": ["a.png"], "messages": bad}))
+        with pytest.raises(UserError, match=message):
+            load_splits(args(tmp_path / "chat.jsonl", image_column="images", messages_column="messages"), False)
+
+
+def test_several_pages_per_question_are_all_given_and_counted_into_max_length(processor):
+    from docvlm.collator import DocVQACollator
+
+    page = PILImage.new("RGB", (60, 40), "white")
+    one = {"row": 0, "image": page, "question": "Total?", "answers": ["7"]}
+    three = {"row": 1, "image": [page, page, page], "question": "Total?", "answers": ["7"]}
+    collator = DocVQACollator(processor, "Answer briefly.", None, "first")
+    batch = collator([one, three])
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    per_row = (batch["input_ids"] == image_id).sum(dim=1).tolist()
+    assert per_row[1] == 3 * per_row[0] > 0 and batch["pixel_values"].shape[1] == 3  # three pages, padded
+    assert [processor.tokenizer.decode(row[row != -100]) for row in batch["labels"]] == ["7<end_of_utterance>"] * 2
+    one_long, three_long = collator.lengths([one, three])
+    assert three_long - one_long == 2 * (per_row[0] + 1)  # each extra page: its image tokens and one separator
+    with pytest.raises(UserError, match=f"Row 1 is {three_long} tokens, over max_length={three_long - 1}"):
+        DocVQACollator(processor, "Answer briefly.", three_long - 1, "first")([three])
+
+
+def test_a_system_prompt_comes_first_in_training_and_generation_and_is_never_trained(processor):
+    from docvlm.collator import DocVQACollator, Prompt, prompt_text
+
+    prompt = Prompt("Answer briefly.", "You read invoices.")
+    row = {"row": 0, "image": PILImage.new("RGB", (60, 40), "white"), "question": "Total?", "answers": ["7"]}
+    batch = DocVQACollator(processor, prompt, None, "first")([row])
+    text = processor.tokenizer.decode(batch["input_ids"][0])
+    assert text.startswith("<s> System: You read invoices.<end_of_utterance>\nUser: Answer briefly.")
+    assert processor.tokenizer.decode(batch["labels"][0][batch["labels"][0] != -100]) == "7<end_of_utterance>"
+    assert prompt_text(processor, prompt, "Total?").startswith("System: You read invoices.<end_of_utterance>")
+    assert "System" not in prompt_text(processor, Prompt("Answer briefly."), "Total?")

@@ -71,22 +71,29 @@ def test_effective_batch_size_sets_the_accumulation_and_refuses_what_does_not_di
         parse_recipe([*base, "--effective_batch_size", "10"])
 
 
-@pytest.mark.slow
-def test_the_multi_node_config_trains_as_two_machines_on_one_host(tmp_path):
-    """Two launches as machine_rank 0 and 1 of accelerate_configs/multi_node.yaml, one CPU process each."""
-    out = tmp_path / "two-machines"
-    env = clean_env()
+def train_as_two_machines(out: Path, port: int, gpus: bool) -> list[str]:
+    """Two launches of accelerate_configs/multi_node.yaml as machine_rank 0 and 1 on this host, one process each
+    (on its own GPU when `gpus`); the outputs of both."""
     launches = []
     for rank in (0, 1):
+        env = {**clean_env(), **({"CUDA_VISIBLE_DEVICES": str(rank)} if gpus else {})}
         machine = ["--machine_rank", str(rank), "--num_machines", "2", "--main_process_ip", "127.0.0.1"]
-        command = launch_command("multi_node", 29519, *machine, "--num_processes", "2")
+        command = launch_command("multi_node", port, *machine, "--num_processes", "2", *([] if gpus else ["--cpu"]))
         command += quick(out, "--max_steps", "2", "--per_device_train_batch_size", "2", "--save_strategy", "no")
+        command += ["--precision", "bf16"] if gpus else []
         launches.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
     outputs = [launch.communicate(timeout=600)[0] for launch in launches]
     assert [launch.returncode for launch in launches] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     assert "Batch: 2 processes" in outputs[0] and "Full report:" in outputs[0] and "Full report:" not in outputs[1]
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
     assert (out / "adapter_model.safetensors").is_file() and json.loads((out / "report.json").read_text())["count"] == 8
+    return outputs
+
+
+@pytest.mark.slow
+def test_the_multi_node_config_trains_as_two_machines_on_one_host(tmp_path):
+    """Two gloo CPU "machines": machine_rank 0 and 1 of accelerate_configs/multi_node.yaml."""
+    train_as_two_machines(tmp_path / "two-machines", 29519, gpus=False)
 
 
 @pytest.mark.slow
@@ -199,6 +206,47 @@ def test_qlora_on_two_gpus_trains_like_one_saves_a_whole_adapter_and_one_report(
     assert losses_of(off) == pytest.approx(losses, rel=1e-2), (losses_of(off), losses)
 
 
+@pytest.mark.multigpu
+@needs_two_gpus
+def test_the_multi_node_config_trains_as_two_machines_with_one_gpu_each(tmp_path):
+    """machine_rank 0 and 1 of accelerate_configs/multi_node.yaml on one host, each launch seeing one GPU: NCCL
+    across the two "machines", one adapter and one report."""
+    outputs = train_as_two_machines(tmp_path / "two-gpu-machines", 29541, gpus=True)
+    assert "Launch: DDP" in outputs[0]
+
+
+@pytest.mark.multigpu
+@needs_two_gpus
+def test_a_zero3_run_resumes_from_its_checkpoint_with_the_same_world_size(tmp_path):
+    out = tmp_path / "zero3-resume"
+
+    def launch(port, *extra):
+        command = launch_command("deepspeed_zero3", port, "--num_processes", "2")
+        command += quick(out, *GPU_RUN, "2", "--eval_after_training", "false", *extra)
+        run = subprocess.run(command, capture_output=True, text=True, timeout=400, env=clean_env())
+        assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+
+    launch(29543, "--max_steps", "2", "--save_steps", "2", "--max_train_samples", "16")
+    first = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
+    launch(
+        29545,
+        "--max_steps",
+        "4",
+        "--save_steps",
+        "4",
+        "--max_train_samples",
+        "16",
+        "--resume_from_checkpoint",
+        "latest",
+    )
+    losses = {
+        h["step"]: h["loss"] for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h
+    }
+    assert sorted(losses) == [1, 2, 3, 4]  # no step lost or repeated
+    assert [losses[1], losses[2]] == [h["loss"] for h in first if "loss" in h]  # carried on, not retrained
+    assert (out / "adapter_model.safetensors").is_file()
+
+
 # --------------------------------------------------------------------------------------------------------------
 # What each launch mode needs, from the variables `accelerate launch` exports (no GPU needed)
 # --------------------------------------------------------------------------------------------------------------
@@ -258,6 +306,23 @@ def test_zero3_refuses_uint8_storage_and_a_config_that_would_save_no_adapter(mon
     model_args, training_args = recipe_on_a_gpu("bf16")
     with pytest.raises(UserError, match="without zero3_save_16bit_model: true would save no adapter"):
         prepare_recipe_for(ZERO3, model_args, training_args)
+
+
+def test_a_zero3_deepspeed_json_config_must_gather_the_adapter_when_saving(monkeypatch, tmp_path):
+    from docvlm.distributed import ZERO3, launch_mode, prepare_recipe_for
+    from docvlm.errors import UserError
+
+    recipes = [recipe_on_a_gpu("bf16") for _ in range(2)]  # parsed before the DeepSpeed variables are set
+    config = tmp_path / "zero3.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(config))
+    assert launch_mode() == ZERO3  # the stage is read from the file
+    with pytest.raises(UserError, match='zero3.json runs ZeRO-3 without "stage3_gather_16bit_weights_on_model_save"'):
+        prepare_recipe_for(ZERO3, *recipes[0])
+    gather = {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}
+    config.write_text(json.dumps({"zero_optimization": gather}))
+    assert prepare_recipe_for(ZERO3, *recipes[1])  # accepted: it sets the 4-bit storage and says so
 
 
 def test_fsdp_refuses_a_4bit_model_and_zero_refuses_a_precision_it_was_not_verified_in():

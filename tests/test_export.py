@@ -69,12 +69,11 @@ def test_merged_model_gives_the_same_greedy_answers_as_the_adapter_on_its_4bit_b
     assert "dequantization of the 4-bit base" in card and "not on this folder's weights" in card
 
     rows = held_out(10)
-    images, questions = [r["image"] for r in rows], [r["question"] for r in rows]
     processor = AutoProcessor.from_pretrained(merged_dir)
     merged = AutoModelForImageTextToText.from_pretrained(merged_dir, dtype=torch.float32)  # no peft, no 4-bit
-    adapted, adapter_processor, instruction, _ = load_for_inference(adapter=str(out))  # 4-bit base + adapter
-    want = generate(adapted, adapter_processor, images, questions, instruction, 12, 4)
-    got = generate(merged, processor, images, questions, instruction, 12, 4)
+    adapted, adapter_processor, prompt, _ = load_for_inference(adapter=str(out))  # 4-bit base + adapter
+    want = generate(adapted, adapter_processor, rows, prompt, 12, 4)
+    got = generate(merged, processor, rows, prompt, 12, 4)
     assert [a["answer"] for a in got] == [a["answer"] for a in want]
 
 

@@ -1,8 +1,10 @@
-"""Every command in README.md's bash blocks, run as written and in the order written, in a copy of the repository.
+"""Every command in the bash blocks of README.md and docs/new_dataset.md, run as written and in the order written,
+in a copy of the repository.
 
 A command that needs the Hub is run with the Hub unreachable and must fail fast with its documented message; a
 server must start and keep serving; the rest must exit 0. `make train` must print no warning."""
 
+import json
 import os
 import re
 import shutil
@@ -15,6 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+NEW_DATASET = ROOT / "docs" / "new_dataset.md"
 
 # Commands that cannot simply exit 0 here, with what each must do instead. Every entry must match a README command.
 SKIP, FAILS_FAST, SERVES = "skip", "fails fast", "serves"
@@ -28,6 +31,11 @@ SPECIAL = [
     (r"^hf download ", FAILS_FAST, r"(?i)error|connect"),
     (r"recipes/docvqa_qlora\.yaml", FAILS_FAST, r"Could not reach the Hugging Face Hub"),
     (r"^docvlm push ", FAILS_FAST, r"No Hub token: set HF_TOKEN"),
+]
+# The same for docs/new_dataset.md.
+NEW_DATASET_SPECIAL = [
+    (r"^git clone <this repo>", SKIP, "a placeholder for the reader's clone: this test runs in a copy of the repo"),
+    (r'^make train RECIPE=local_folder_qlora ARGS="--dataset_name my_scans"$', FAILS_FAST, r"Could not reach the Hug"),
 ]
 SERVE_SECONDS = 20
 FAIL_FAST_SECONDS = 60
@@ -53,8 +61,8 @@ def without_comment(command: str) -> str:
     return re.sub(r"\s+#\s.*$", "", command).strip()
 
 
-def special(command: str):
-    for pattern, kind, detail in SPECIAL:
+def special(command: str, exceptions=SPECIAL):
+    for pattern, kind, detail in exceptions:
         if re.search(pattern, without_comment(command)):
             return kind, detail
     return None, None
@@ -66,10 +74,11 @@ def test_readme_commands_are_parsed_with_their_continuations():
     assert without_comment("make a   # note") == "make a"
 
 
-def test_every_exception_matches_a_readme_command():
-    commands = readme_commands(README.read_text())
-    for pattern, _, _ in SPECIAL:
-        assert any(re.search(pattern, without_comment(c)) for c in commands), f"no README command matches {pattern}"
+@pytest.mark.parametrize("doc, exceptions", [(README, SPECIAL), (NEW_DATASET, NEW_DATASET_SPECIAL)])
+def test_every_exception_matches_a_documented_command(doc, exceptions):
+    commands = readme_commands(doc.read_text())
+    for pattern, _, _ in exceptions:
+        assert any(re.search(pattern, without_comment(c)) for c in commands), f"no {doc.name} command matches {pattern}"
 
 
 def copy_of_the_repository(dest: Path) -> Path:
@@ -90,19 +99,20 @@ def copy_of_the_repository(dest: Path) -> Path:
     return dest
 
 
-@pytest.mark.slow
-def test_every_readme_command_runs_as_written(tmp_path):
+def run_documented_commands(doc: Path, exceptions, tmp_path: Path) -> Path:
+    """Run every command of doc's bash blocks in one shell, in a copy of the repository, with the Hub unreachable;
+    fail on any that does not do what it should. Returns the copy."""
     if not (Path(sys.prefix) / "bin" / "activate").is_file():
         pytest.skip(f"needs the tests to run from a virtual environment (`make test`); {sys.prefix} is not one")
     repo = copy_of_the_repository(tmp_path / "repo")
     (Path(sys.prefix) / ".installed").touch()  # `make` checks this stamp against pyproject.toml
     logs = tmp_path / "logs"
     logs.mkdir()
-    commands = readme_commands(README.read_text())
+    commands = readme_commands(doc.read_text())
     script = ["set -u"]
     plan = []
     for index, command in enumerate(commands):
-        kind, detail = special(command)
+        kind, detail = special(command, exceptions)
         plan.append((index, command, kind, detail))
         if kind == SKIP:
             continue
@@ -122,7 +132,7 @@ def test_every_readme_command_runs_as_written(tmp_path):
     )
     started = time.monotonic()
     subprocess.run(["bash", "-c", "\n".join(script)], cwd=repo, env=env, timeout=3000, check=False)
-    print(f"README commands: {time.monotonic() - started:.0f} s")
+    print(f"{doc.name} commands: {time.monotonic() - started:.0f} s")
 
     failures = []
     for index, command, kind, detail in plan:
@@ -149,5 +159,24 @@ def test_every_readme_command_runs_as_written(tmp_path):
             if warnings:
                 failures.append("`make train` printed warnings:\n" + "\n".join(warnings))
     assert not failures, "\n\n".join(failures)
+    return repo
+
+
+@pytest.mark.slow
+def test_every_readme_command_runs_as_written(tmp_path):
+    repo = run_documented_commands(README, SPECIAL, tmp_path)
     answers = (repo / "outputs" / "answers.jsonl").read_text().splitlines()
     assert len(answers) == 5 and all('"answer"' in line for line in answers)
+
+
+@pytest.mark.slow
+def test_the_new_dataset_walkthrough_runs_as_written_and_ends_with_a_report(tmp_path):
+    repo = run_documented_commands(NEW_DATASET, NEW_DATASET_SPECIAL, tmp_path)
+    report = json.loads((repo / "outputs" / "my_scans" / "report.json").read_text())
+    assert report["count"] == 10 and report["systems"]["after"]["stopped"] == 1.0  # 10% of 100 pages held out
+    losses = [
+        h["loss"]
+        for h in json.loads((repo / "outputs" / "my_scans" / "trainer_state.json").read_text())["log_history"]
+        if "loss" in h
+    ]
+    assert losses[-1] < losses[0] / 3

@@ -208,13 +208,11 @@ def test_the_local_folder_recipe_trains_on_a_folder_of_scans_and_a_csv(tmp_path)
     from docvlm import tiny
 
     scans = tmp_path / "my_scans"
-    questions = tiny.export_pages(scans, 40)  # held-out tiny pages stand in for the user's scans
-    items = [json.loads(line) for line in questions.read_text().splitlines()]
-    questions.unlink()  # the folder holds the images and the CSV only, as the recipe's header describes
-    with open(scans / "metadata.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["file_name", "question", "answer"])
-        writer.writerows([item["image"], item["question"], item["answers"][0]] for item in items)
+    tiny.export_pages(scans, 40, metadata_csv=True)  # held-out tiny pages stand in for the user's scans
+    with open(scans / "metadata.csv", newline="") as handle:
+        lines = list(csv.reader(handle))
+    assert lines[0] == ["file_name", "question", "answer"] and len(lines) == 41 and (scans / lines[1][0]).is_file()
+    assert sorted(path.name for path in scans.iterdir()) == sorted([line[0] for line in lines[1:]] + ["metadata.csv"])
     out = tmp_path / "run"
     run(
         [
@@ -228,3 +226,22 @@ def test_the_local_folder_recipe_trains_on_a_folder_of_scans_and_a_csv(tmp_path)
     losses = [h["loss"] for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
     assert len(losses) == 6 and losses[-1] < losses[0]
     assert json.loads((out / "report.json").read_text())["count"] == 4  # 10% of the 40 pages held out
+
+
+def test_the_chartqa_recipe_trains_on_rendered_charts_and_reports_by_question_source(tmp_path):
+    """recipes/chartqa_qlora.yaml with the offline overrides its header names: ChartQA's schema (query, label list,
+    human_or_machine class label) on bar charts rendered with matplotlib."""
+    out = tmp_path / "charts"
+    run(
+        [
+            *("--config", "recipes/chartqa_qlora.yaml", "--model_name_or_path", "docvlm:tiny-idefics2"),
+            *("--dataset_name", "docvlm:tiny-charts", "--output_dir", str(out), "--max_steps", "8"),
+            *("--per_device_train_batch_size", "8", "--learning_rate", "2e-3", "--warmup_steps", "0"),
+            *("--lora_modules_to_save", "lm_head", "--dataloader_num_workers", "0", "--save_strategy", "no"),
+            *("--logging_steps", "1", "--max_eval_samples", "16", "--eval_compare_base", "false"),
+        ]
+    )
+    losses = [h["loss"] for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+    assert len(losses) == 8 and losses[-1] < losses[0]
+    report = json.loads((out / "report.json").read_text())
+    assert report["count"] == 16 and set(report["systems"]["after"]["anls_by_group"]) == {"human", "machine"}

@@ -36,6 +36,16 @@ def _metadata(model_args, data_args, merged: bool) -> list[str]:
     ]
 
 
+def _row_shape(data_args) -> str:
+    if data_args.messages_column:
+        return f"conversations in `{data_args.messages_column}`, every assistant turn trained"
+    if data_args.field_questions:
+        return "fields asked as questions: " + ", ".join(f"`{column}`" for column in data_args.field_questions)
+    if data_args.qa_pairs_column:
+        return f"question/answer pairs in `{data_args.qa_pairs_column}`"
+    return f"question `{data_args.question_column}`, answers `{data_args.answers_column}`"
+
+
 def _training_lines(model_args, data_args) -> list[str]:
     quant = (
         f"{model_args.bnb_4bit_quant_type.upper()} 4-bit base (QLoRA)" if model_args.load_in_4bit else "16/32-bit base"
@@ -43,9 +53,9 @@ def _training_lines(model_args, data_args) -> list[str]:
     return [
         f"- Base model: `{model_args.model_name_or_path}`.",
         f"- Trained with docvlm: LoRA r={model_args.lora_r}, alpha={model_args.lora_alpha} on a {quant}.",
-        f"- Data: `{data_args.dataset_name}`, split `{data_args.dataset_train_split}` (question "
-        f"`{data_args.question_column}`, answers `{data_args.answers_column}`).",
-        f"- Prompt: the user turn is `{data_args.instruction}`, the page, then the question; the answer ends with "
+        f"- Data: `{data_args.dataset_name}`, split `{data_args.dataset_train_split}` ({_row_shape(data_args)}).",
+        (f"- System turn: `{data_args.system_prompt}`." if data_args.system_prompt else "- No system turn."),
+        f"- Prompt: the user turn is `{data_args.instruction}`, the page(s), then the question; the answer ends with "
         "the model's end-of-turn token.",
         "- `recipe.yaml` holds every setting of the run.",
     ]

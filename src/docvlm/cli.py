@@ -181,13 +181,12 @@ def predict(argv: list[str]) -> int:
     from docvlm.evaluate import generate
     from docvlm.export import load_for_inference
 
-    model, processor, instruction, max_new_tokens = load_for_inference(args.adapter, args.model)
+    model, processor, prompt, max_new_tokens = load_for_inference(args.adapter, args.model)
     answers = generate(
         model,
         processor,
-        [r["_image"] for r in requests],
-        [r["question"] for r in requests],
-        instruction,
+        [{"image": r["_image"], "question": r["question"]} for r in requests],
+        prompt,
         args.max_new_tokens or max_new_tokens,
         args.batch_size,
         desc="answering",
@@ -267,15 +266,23 @@ def fixtures(argv: list[str]) -> int:
         "lines), ready for `docvlm predict --input DIR/questions.jsonl`",
     )
     parser.add_argument("--count", type=int, default=5, help="how many pages --export-pages writes (default: 5)")
+    parser.add_argument(
+        "--metadata-csv",
+        action="store_true",
+        help="with --export-pages: write DIR/metadata.csv (file_name,question,answer) instead of questions.jsonl, "
+        "a folder of scans as recipes/local_folder_qlora.yaml reads it",
+    )
     args = parser.parse_args(argv)
     if args.count < 1:
         parser.error("--count must be at least 1")
     from docvlm import tiny
 
-    for name in (tiny.TINY_MODEL, tiny.TINY_DATASET, tiny.TINY_RECEIPTS):
+    if args.metadata_csv and not args.export_pages:
+        parser.error("--metadata-csv goes with --export-pages DIR")
+    for name in (tiny.TINY_MODEL, tiny.TINY_DATASET, tiny.TINY_RECEIPTS, tiny.TINY_CHARTS):
         print(f"{name}: {tiny.resolve(name)}")
     if args.export_pages:
-        questions = tiny.export_pages(Path(args.export_pages), args.count)
+        questions = tiny.export_pages(Path(args.export_pages), args.count, args.metadata_csv)
         print(f"{args.count} held-out pages and their questions written to {questions}")
     return 0
 

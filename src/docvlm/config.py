@@ -28,7 +28,10 @@ class DataArguments(ScriptArguments):
 
     # `dataset_name` (TRL) is a Hub id, a local path (parquet / jsonl / csv file or folder, a folder saved with
     # `save_to_disk`, an image folder with metadata.jsonl) or the offline fixture `docvlm:tiny-docs`.
-    image_column: str = field(default="image", metadata={"help": "Column holding the page image."})
+    image_column: str = field(
+        default="image",
+        metadata={"help": "Column holding the page image, or a list of pages (a multi-page document), or paths."},
+    )
     question_column: str = field(
         default="query.en", metadata={"help": "Column holding the question; dots reach into dicts (query.en)."}
     )
@@ -40,7 +43,11 @@ class DataArguments(ScriptArguments):
         metadata={"help": "With several gold answers, train on the first or a random one each time."},
     )
     instruction: str = field(
-        default="Answer briefly.", metadata={"help": "Text placed before the image in every user turn."}
+        default="Answer briefly.",
+        metadata={"help": "Text placed before the page(s) in every question's (a conversation's first) user turn."},
+    )
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "Optional system turn put first in every sample, in training and inference."}
     )
     field_questions: dict | str | None = field(
         default=None,
@@ -55,6 +62,14 @@ class DataArguments(ScriptArguments):
         metadata={
             "help": "A column holding a list of {question, answers} (or {question, answer}) per page: each pair "
             "becomes one sample; question_column and answers_column are not used."
+        },
+    )
+    messages_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "A column holding conversations in the chat `messages` format ([{role, content}], content a text "
+            "or a list of {type: text|image} parts, one image part per page of image_column): every assistant "
+            "turn is trained, and the evaluation asks the last one; question_column and answers_column are not used."
         },
     )
     group_column: str | None = field(
@@ -86,8 +101,9 @@ class DataArguments(ScriptArguments):
             for column, question in self.field_questions.items():
                 if not isinstance(question, str) or not question.strip():
                     raise ValueError(f"field_questions: the question for '{column}' is empty or not text.")
-            if self.qa_pairs_column:
-                raise ValueError("Set one of field_questions and qa_pairs_column: they describe different rows.")
+        shapes = [name for name in ("field_questions", "qa_pairs_column", "messages_column") if getattr(self, name)]
+        if len(shapes) > 1:
+            raise ValueError(f"Set one of {' and '.join(shapes)}: they describe different rows.")
 
 
 @dataclass

@@ -6,6 +6,7 @@ re-encoded here: pages are decoded lazily, batch by batch, in the collator.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -14,8 +15,9 @@ from docvlm import tiny
 from docvlm.config import DataArguments, UserError
 from docvlm.hub import check_source, looks_local
 
-# The columns every mapped dataset has; `row` is the index in the original split, for error messages. A recipe
-# with a group_column also gets `group`, to break evaluation scores down by.
+# The columns every mapped dataset has; `row` is the index in the original split, for error messages. `image` holds
+# a page or a list of pages. A recipe with a group_column also gets `group`, to break evaluation scores down by, and
+# one with a messages_column gets `messages` (the conversation as JSON; question and answers are its last exchange).
 CANONICAL = ("image", "question", "answers", "row")
 _DATA_FILE_TYPES = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv", ".arrow": "arrow"}
 
@@ -93,12 +95,15 @@ def column_names(dataset) -> list[str]:
 def map_columns(dataset, args: DataArguments, split: str, source: str, base_dir: Path | None = None):
     """Select the recipe's image/question/answers columns and rename them to the canonical ones; rows of several
     questions (field_questions, qa_pairs_column) first become one row per question."""
-    from datasets import Image
+    from datasets import ClassLabel
 
     wanted = {"image": args.image_column, "question": args.question_column, "answers": args.answers_column}
     if args.group_column:
         wanted["group"] = args.group_column
-    if args.field_questions or args.qa_pairs_column:
+    if args.messages_column:
+        dataset = conversation_columns(dataset, args, split, source)
+        wanted.update(question=EXPANDED["question"], answers=EXPANDED["answers"], messages=EXPANDED["messages"])
+    elif args.field_questions or args.qa_pairs_column:
         dataset = one_row_per_question(dataset, args, split, source)
         wanted.update(question=EXPANDED["question"], answers=EXPANDED["answers"])
         if args.field_questions and not args.group_column:
@@ -122,9 +127,56 @@ def map_columns(dataset, args: DataArguments, split: str, source: str, base_dir:
     dataset = dataset.select_columns([*wanted.values(), "row"])
     dataset = dataset.rename_columns({column: role for role, column in wanted.items() if column != role})
     _check_text_columns(dataset, args, split, source)
-    if not isinstance(dataset.features["image"], Image):
+    if "group" in wanted and isinstance(dataset.features["group"], ClassLabel):  # names in the report, not 0 / 1
+        names = dataset.features["group"].names
+        groups = [None if g is None else names[g] for g in dataset.data.column("group").to_pylist()]
+        dataset = dataset.remove_columns("group").add_column("group", groups)
+    if not _holds_images(dataset.features["image"]):
         dataset = _cast_image_paths(dataset, args.image_column, source, base_dir)
     return dataset
+
+
+def _holds_images(feature) -> bool:
+    from datasets import Image, LargeList, List
+
+    return isinstance(feature, Image) or (isinstance(feature, List | LargeList) and isinstance(feature.feature, Image))
+
+
+def conversation_columns(dataset, args: DataArguments, split: str, source: str):
+    """Check every conversation of messages_column up front and add the columns training and evaluation read: the
+    conversation as JSON (one schema, whatever mix of text and part-list contents the file has) and its last
+    exchange as question and answer. Only the messages column is read; pages stay undecoded."""
+    import pyarrow.compute as pc
+
+    from docvlm.collator import last_exchange, normalize_messages
+
+    column = args.messages_column
+    present = column_names(dataset)
+    for name, role in ((column, "messages_column"), (args.image_column, "image_column")):
+        if name not in present:
+            raise UserError(
+                f"Column '{name}' ({role}) not found in split '{split}' of {source}. "
+                f"Columns present: {', '.join(present)}."
+            )
+    pages = dataset.data.column(args.image_column)
+    counts = pc.list_value_length(pages).to_pylist() if hasattr(pages.type, "value_type") else [1] * len(dataset)
+    encoded, questions, answers = [], [], []
+    for index, (messages, count) in enumerate(zip(dataset[column], counts, strict=True)):
+        where = f"Row {index} of split '{split}' in {source} ({column}, messages_column)"
+        turns = normalize_messages(messages, where)
+        parts = sum(part["type"] == "image" for turn in turns for part in turn["content"])
+        if parts != (count or 0):
+            raise UserError(
+                f"{where}: {parts} image part(s) in the conversation but {count or 0} page(s) in "
+                f'\'{args.image_column}\' (image_column); each page needs one {{"type": "image"}} part.'
+            )
+        question, answer = last_exchange(turns)
+        encoded.append(json.dumps(turns, ensure_ascii=False))
+        questions.append(question)
+        answers.append([answer])
+    for name, values in ((EXPANDED["messages"], encoded), (EXPANDED["question"], questions)):
+        dataset = dataset.add_column(name, values)
+    return dataset.add_column(EXPANDED["answers"], answers)
 
 
 # The columns one_row_per_question writes; unusual names, so that they never meet a dataset's own.
@@ -133,6 +185,7 @@ EXPANDED = {
     "answers": "_docvlm_answers",
     "row": "_docvlm_row",
     "field": "_docvlm_field",
+    "messages": "_docvlm_messages",
 }
 
 
@@ -164,7 +217,10 @@ def one_row_per_question(dataset, args: DataArguments, split: str, source: str):
         return "" if value is None else str(value).strip()
 
     def expand(batch, indices):
-        out = {**{column: [] for column in carried}, **{name: [] for name in EXPANDED.values()}}
+        out = {
+            **{column: [] for column in carried},
+            **{EXPANDED[key]: [] for key in ("question", "answers", "row", "field")},
+        }
 
         def add(i, index, question, answers, field):
             for column in carried:
@@ -263,21 +319,28 @@ def _check_text_columns(dataset, args: DataArguments, split: str, source: str) -
 
 
 def _cast_image_paths(dataset, column: str, source: str, base_dir: Path | None):
-    """A jsonl/csv with image *paths*: resolve them against the data file's folder and decode them as images."""
-    from datasets import Image, Value
+    """A jsonl/csv with image *paths* (or lists of paths, one a page): resolve them against the data file's folder
+    and decode them as images."""
+    from datasets import Image, LargeList, List, Value
 
-    if dataset.features["image"] != Value("string"):
-        raise UserError(f"Column '{column}' of {source} holds {dataset.features['image']}, not images or image paths.")
+    feature = dataset.features["image"]
+    several = isinstance(feature, List | LargeList)
+    if (feature.feature if several else feature) != Value("string"):
+        raise UserError(f"Column '{column}' of {source} holds {feature}, not images or image paths.")
     base = base_dir or Path(".")
 
+    def resolve(path):
+        return path if path is None or os.path.isabs(path) else str(base / path)
+
     def absolute(batch):
-        return {"image": [p if p is None or os.path.isabs(p) else str(base / p) for p in batch["image"]]}
+        return {"image": [[resolve(p) for p in (ps or [])] if several else resolve(ps) for ps in batch["image"]]}
 
     dataset = dataset.map(absolute, batched=True, desc="Resolving image paths")
-    for row, image_path in enumerate(dataset["image"]):
-        if image_path is None or not Path(image_path).is_file():
-            raise UserError(f"Row {row} of {source}: image file '{image_path}' ({column}) not found.")
-    return dataset.cast_column("image", Image())
+    for row, paths in enumerate(dataset["image"]):
+        for image_path in paths if several else [paths]:
+            if image_path is None or not Path(image_path).is_file():
+                raise UserError(f"Row {row} of {source}: image file '{image_path}' ({column}) not found.")
+    return dataset.cast_column("image", List(Image()) if several else Image())
 
 
 def _check_not_null(dataset, source: str, split: str, args: DataArguments) -> None:
@@ -353,4 +416,12 @@ def carve_eval_split(rows, size: float, seed: int, source: str):
     held = set(random.Random(seed).sample(ids, count))
     train = rows.filter(lambda row: row not in held, input_columns="row", desc="Holding rows out")
     held_out = rows.filter(lambda row: row in held, input_columns="row", desc="Holding rows out")
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(
+            f"Held out {count} of the {len(ids)} rows of {source} for evaluation (eval_split_size {size}, "
+            f"eval_split_seed {seed}): {len(held_out)} questions held out, {len(train)} to train on.",
+            file=sys.stderr,
+        )
     return train, held_out  # both in file order: max_*_samples keep the first

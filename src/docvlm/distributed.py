@@ -32,13 +32,18 @@ def launch_mode() -> str:
     return DDP if int(os.environ.get("WORLD_SIZE", "1")) > 1 else SINGLE
 
 
-def _zero_stage_in(path: str) -> int:
+def _zero_config_in(path: str) -> dict:
+    """The `zero_optimization` section of a DeepSpeed JSON config (accelerate's deepspeed_config_file)."""
     import json
 
     try:
-        return int(json.loads(open(path).read()).get("zero_optimization", {}).get("stage", 0))
+        return dict(json.loads(open(path).read()).get("zero_optimization", {}))
     except (OSError, ValueError) as err:
         raise UserError(f"Cannot read the DeepSpeed config {path}: {err}") from None
+
+
+def _zero_stage_in(path: str) -> int:
+    return int(_zero_config_in(path).get("stage", 0))
 
 
 def prepare_recipe_for(mode: str, model_args, training_args) -> list[str]:
@@ -76,9 +81,17 @@ def prepare_recipe_for(mode: str, model_args, training_args) -> list[str]:
                 f"bnb_4bit_quant_storage is {storage}, but under {mode} the 4-bit weights must be stored in the "
                 f"training dtype ({compute}): remove the key from the recipe (docvlm sets it) or set it to {compute}."
             )
-    if mode == ZERO3 and not _on("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL"):
-        if os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none") in ("", "none"):
-            # without it the Trainer saves DeepSpeed's shards instead, and the run folder holds no adapter
+    if mode == ZERO3:
+        # without it the Trainer saves DeepSpeed's shards instead, and the run folder holds no adapter
+        config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+        if config_file not in ("", "none"):
+            if not _zero_config_in(config_file).get("stage3_gather_16bit_weights_on_model_save", False):
+                raise UserError(
+                    f"The DeepSpeed config {config_file} runs ZeRO-3 without "
+                    '"stage3_gather_16bit_weights_on_model_save": true in zero_optimization, so it would save no '
+                    "adapter: add it."
+                )
+        elif not _on("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL"):
             raise UserError(
                 "DeepSpeed ZeRO-3 without zero3_save_16bit_model: true would save no adapter. Use "
                 "accelerate_configs/deepspeed_zero3.yaml, or set zero3_save_16bit_model: true in your config."

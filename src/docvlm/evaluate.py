@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from docvlm.collator import END_OF_UTTERANCE, prompt_text, to_rgb
+from docvlm.collator import END_OF_UTTERANCE, Prompt, pages_of, prompt_text
 from docvlm.modeling import autocast_for
 
 ANLS_THRESHOLD = 0.5
@@ -57,16 +57,16 @@ def exact_match(prediction: str, answers) -> float:
 def generate(
     model,
     processor,
-    images,
-    questions,
-    instruction: str,
+    rows,
+    prompt: Prompt,
     max_new_tokens: int,
     batch_size: int,
     desc: str = "generating",
 ) -> list[dict]:
-    """Greedy answers, batched with left padding; generation stops at <end_of_utterance> (or </s>).
+    """Greedy answers to rows (dicts with `image` and `question`, or `messages`: answered after its last user turn),
+    batched with left padding; generation stops at <end_of_utterance> (or </s>).
 
-    Returns one dict per question: the answer text and whether the model stopped by itself.
+    Returns one dict per row: the answer text and whether the model stopped by itself.
     """
     from tqdm.auto import tqdm
 
@@ -79,10 +79,10 @@ def generate(
     from accelerate import PartialState
 
     quiet = not PartialState().is_local_main_process  # one progress bar a machine under multi-process launches
-    for start in tqdm(range(0, len(questions), batch_size), desc=desc, unit="batch", disable=quiet):
-        qs = questions[start : start + batch_size]
-        ims = [[to_rgb(image, f"Item {start + i}")] for i, image in enumerate(images[start : start + batch_size])]
-        prompts = [prompt_text(processor, instruction, q) for q in qs]
+    for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", disable=quiet):
+        batch_rows = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
+        ims = [pages_of(row, f"Item {start + i}") for i, row in enumerate(batch_rows)]
+        prompts = [prompt_text(processor, prompt, row, len(pages)) for row, pages in zip(batch_rows, ims, strict=True)]
         batch = processor(text=prompts, images=ims, padding=True, padding_side="left", return_tensors="pt")
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast_for(model):
@@ -259,8 +259,8 @@ def write_report(out_dir: Path, items: list[dict], summary: dict, meta: dict) ->
     return text
 
 
-class _Pages:
-    """The eval split's pages, decoded batch by batch: a DocVQA scan is ~4 MB once decoded."""
+class _Rows:
+    """The eval split's rows, their pages decoded batch by batch: a DocVQA scan is ~4 MB once decoded."""
 
     def __init__(self, rows):
         self.rows = rows
@@ -269,14 +269,14 @@ class _Pages:
         return len(self.rows)
 
     def __getitem__(self, index):
-        return self.rows[index]["image"]
+        return self.rows[index]
 
 
 def evaluate_model(
     model,
     processor,
     eval_rows,
-    instruction: str,
+    prompt: Prompt,
     max_new_tokens: int,
     batch_size: int,
     out_dir: Path,
@@ -297,7 +297,7 @@ def evaluate_model(
     if state.num_processes > 1:
         shard = eval_rows.shard(num_shards=state.num_processes, index=state.process_index, contiguous=True)
     questions = list(shard["question"])
-    images = _Pages(shard)
+    rows = _Rows(shard)
     groups = list(shard["group"]) if "group" in shard.column_names else [None] * len(questions)
     items = [
         {"row": r, "question": q, "answers": a, "group": g}
@@ -313,15 +313,13 @@ def evaluate_model(
             score_items(
                 items,
                 "before",
-                generate(
-                    model, processor, images, questions, instruction, max_new_tokens, batch_size, desc="before (base)"
-                ),
+                generate(model, processor, rows, prompt, max_new_tokens, batch_size, desc="before (base)"),
             )
         systems.append("before")
     score_items(
         items,
         "after",
-        generate(model, processor, images, questions, instruction, max_new_tokens, batch_size, desc="after (adapter)"),
+        generate(model, processor, rows, prompt, max_new_tokens, batch_size, desc="after (adapter)"),
     )
     systems.append("after")
     if state.num_processes > 1:
@@ -412,7 +410,7 @@ def run_eval(argv: list[str] | None = None) -> dict:
         model,
         processor,
         eval_rows,
-        data_args.instruction,
+        Prompt.of(data_args),
         eval_args.eval_max_new_tokens,
         training_args.per_device_eval_batch_size,
         out_dir,

@@ -30,7 +30,7 @@ def read_run_recipe(folder: Path) -> tuple[ModelArguments, DataArguments, EvalAr
 
 
 def load_for_inference(adapter: str | None = None, model: str | None = None):
-    """(model, processor, instruction, max_new_tokens) from an adapter folder (4-bit base + adapter, as trained)
+    """(model, processor, prompt, max_new_tokens) from an adapter folder (4-bit base + adapter, as trained)
     or from a merged model folder."""
     from transformers import AutoProcessor
 
@@ -52,7 +52,9 @@ def load_for_inference(adapter: str | None = None, model: str | None = None):
         processor = AutoProcessor.from_pretrained(str(folder))
         merged = ModelArguments(dtype="auto", attn_implementation=model_args.attn_implementation)
         network = load_model(merged, inference_dtype(), str(folder), quantize=False)
-    return network.eval(), processor, data_args.instruction, eval_args.eval_max_new_tokens
+    from docvlm.collator import Prompt
+
+    return network.eval(), processor, Prompt.of(data_args), eval_args.eval_max_new_tokens
 
 
 MERGE_BASES = ("dequantized", "original")

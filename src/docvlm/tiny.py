@@ -20,6 +20,7 @@ from pathlib import Path
 TINY_MODEL = "docvlm:tiny-idefics2"
 TINY_DATASET = "docvlm:tiny-docs"
 TINY_RECEIPTS = "docvlm:tiny-receipts"
+TINY_CHARTS = "docvlm:tiny-charts"
 PREFIX = "docvlm:"
 
 # Bump when the fixture's recipe changes, so stale caches are rebuilt rather than reused.
@@ -88,7 +89,12 @@ def resolve(name_or_path: str | None) -> str | None:
     """
     if not name_or_path or not name_or_path.startswith(PREFIX):
         return name_or_path
-    builders = {TINY_MODEL: build_tiny_model, TINY_DATASET: build_tiny_dataset, TINY_RECEIPTS: build_tiny_receipts}
+    builders = {
+        TINY_MODEL: build_tiny_model,
+        TINY_DATASET: build_tiny_dataset,
+        TINY_RECEIPTS: build_tiny_receipts,
+        TINY_CHARTS: build_tiny_charts,
+    }
     if name_or_path not in builders:
         raise ValueError(f"Unknown fixture {name_or_path!r}; the fixtures are {sorted(builders)}.")
     target = cache_root() / f"{name_or_path[len(PREFIX) :]}-v{FIXTURE_VERSION}"
@@ -390,10 +396,87 @@ def build_tiny_receipts(out_dir: Path) -> None:
     )
 
 
-def export_pages(out_dir: Path, count: int) -> Path:
-    """Write the first `count` held-out pages as PNG files with a questions.jsonl beside them, to try `predict` on.
+# Bar charts in ChartQA's schema (image, query, label: a list of answers, human_or_machine: a class label) with
+# train / val / test splits, as HuggingFaceM4/ChartQA has them (recipes/chartqa_qlora.yaml).
+TINY_CHARTS_SIZES = {"train": 240, "val": 20, "test": 40}
+_CHART_CATEGORIES = ["2019", "2020", "2021", "2022", "2023", "North", "South", "East", "West", "Retail", "Online"]
 
-    They come from the test split, which training never sees. Returns the questions.jsonl path."""
+
+def render_chart(rng: random.Random, categories: list[str], values: list[int], axes):
+    """A small bar chart with its values printed on the bars, as ChartQA's statistics-site charts print them. One
+    figure is redrawn for every chart: making a figure costs more than drawing one."""
+    import numpy as np
+    from PIL import Image
+
+    axes.clear()
+    bars = axes.bar(categories, values, color=rng.choice(["#4472c4", "#ed7d31", "#70ad47", "#5b9bd5"]))
+    axes.bar_label(bars, fontsize=8)
+    axes.set_title(rng.choice(["Sales", "Visitors", "Revenue (million)", "Share of users (%)"]), fontsize=9)
+    axes.tick_params(labelsize=7)
+    axes.figure.canvas.draw()
+    return Image.fromarray(np.asarray(axes.figure.canvas.buffer_rgba())).convert("RGB")
+
+
+def chart_row(rng: random.Random, axes) -> dict:
+    """A chart with one question: a value read off a bar (machine-written) or a comparison (human-written)."""
+    categories = rng.sample(_CHART_CATEGORIES, rng.randint(3, 5))
+    values = [rng.randint(2, 99) for _ in categories]
+    kind = rng.random()
+    if kind < 0.6:
+        pick = rng.randrange(len(categories))
+        query, label, source = f"What is the value of {categories[pick]}?", str(values[pick]), 1
+    elif kind < 0.8:
+        best = max(range(len(values)), key=values.__getitem__)
+        query, label, source = "Which category has the highest value?", categories[best], 0
+    else:
+        a, b = rng.sample(range(len(categories)), 2)
+        query = f"What is the difference between {categories[a]} and {categories[b]}?"
+        label, source = str(abs(values[a] - values[b])), 0
+    image = render_chart(rng, categories, values, axes)
+    return {"image": image, "query": query, "label": [label], "human_or_machine": source}
+
+
+def build_tiny_charts(out_dir: Path) -> None:
+    from datasets import ClassLabel, Dataset, Features, Image, List, Value
+    from tqdm.auto import tqdm
+
+    features = Features(
+        {
+            "image": Image(),
+            "query": Value("string"),
+            "label": List(Value("string")),
+            "human_or_machine": ClassLabel(names=["human", "machine"]),
+        }
+    )
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rng = random.Random(5)
+    figure, axes = plt.subplots(figsize=(3.2, 2.4), dpi=70)
+    figure.subplots_adjust(left=0.12, right=0.97, bottom=0.12, top=0.88)
+    with tqdm(total=sum(TINY_CHARTS_SIZES.values()), desc="Rendering synthetic charts", unit="chart") as bar:
+        for split, size in TINY_CHARTS_SIZES.items():
+            rows = []
+            for _ in range(size):
+                rows.append(chart_row(rng, axes))
+                bar.update()
+            Dataset.from_list(rows, features=features).to_parquet(str(out_dir / f"{split}.parquet"))
+    plt.close(figure)
+    (out_dir / "README.md").write_text(
+        "---\npretty_name: docvlm tiny charts\nlicense: apache-2.0\n---\n\n"
+        "Synthetic bar charts rendered with matplotlib by docvlm.tiny, in ChartQA's schema.\n"
+    )
+
+
+def export_pages(out_dir: Path, count: int, metadata_csv: bool = False) -> Path:
+    """Write the first `count` held-out pages as PNG files with a questions.jsonl beside them, to try `predict` on,
+    or with a metadata.csv (file_name,question,answer): a folder of scans as recipes/local_folder_qlora.yaml reads.
+
+    They come from the test split, which training never sees. Returns the questions.jsonl / metadata.csv path."""
+    import csv
+
     import pyarrow.parquet as pq
     from PIL import Image
 
@@ -402,12 +485,19 @@ def export_pages(out_dir: Path, count: int) -> Path:
     if len(rows) < count:
         raise ValueError(f"The held-out split has {len(rows)} pages; ask for at most that many.")
     out_dir.mkdir(parents=True, exist_ok=True)
-    lines = []
+    items = []
     for index, row in enumerate(rows):
         name = f"page-{index:03d}.png"
         with Image.open(io.BytesIO(row["image"]["bytes"])) as page:
             page.save(out_dir / name)
-        lines.append(json.dumps({"image": name, "question": row["query"]["en"], "answers": row["answers"]}))
-    questions = out_dir / "questions.jsonl"
-    questions.write_text("\n".join(lines) + "\n")
-    return questions
+        items.append({"image": name, "question": row["query"]["en"], "answers": row["answers"]})
+    if metadata_csv:
+        path = out_dir / "metadata.csv"
+        with open(path, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["file_name", "question", "answer"])
+            writer.writerows([item["image"], item["question"], item["answers"][0]] for item in items)
+        return path
+    path = out_dir / "questions.jsonl"
+    path.write_text("".join(json.dumps(item) + "\n" for item in items))
+    return path

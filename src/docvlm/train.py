@@ -81,7 +81,7 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
 
     from docvlm import tiny
     from docvlm.card import adapter_card
-    from docvlm.collator import DocVQACollator
+    from docvlm.collator import DocVQACollator, Prompt
     from docvlm.config import parse_recipe, recipe_argument
     from docvlm.data import load_splits
     from docvlm.distributed import (
@@ -148,7 +148,7 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
         processing_class=processor,
         data_collator=DocVQACollator(
             processor,
-            data_args.instruction,
+            Prompt.of(data_args),
             training_args.max_length,
             data_args.answer_choice,
             seed=training_args.seed,
@@ -166,6 +166,8 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
     checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model()  # the adapter (or full weights) and the processor
+    # the main process writes the files: the others must not look for them (the evaluation reloads them) before
+    trainer.accelerator.wait_for_everyone()
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
     trainer.save_state()
@@ -190,7 +192,7 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
                 evaluated,
                 processor,
                 eval_dataset,
-                data_args.instruction,
+                Prompt.of(data_args),
                 eval_args.eval_max_new_tokens,
                 training_args.per_device_eval_batch_size,
                 output_dir,
@@ -212,11 +214,11 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
 def check_data_against_recipe(processor, train_rows, eval_rows, data_args, training_args, eval_args) -> None:
     """Before the model loads: rows too long for max_length stop here, not at the step that draws them, and held-out
     answers too long for eval_max_new_tokens are announced, not discovered in the report."""
-    from docvlm.collator import DocVQACollator
+    from docvlm.collator import DocVQACollator, Prompt
     from docvlm.preflight import check_row_lengths, warn_long_answers
 
     # its own collator: "first" draws nothing from the training collator's seeded answer choice
-    checker = DocVQACollator(processor, data_args.instruction, training_args.max_length, "first")
+    checker = DocVQACollator(processor, Prompt.of(data_args), training_args.max_length, "first")
     check_row_lengths(checker, train_rows, training_args.max_length, data_args.dataset_train_split)
     if eval_rows is not None and training_args.eval_strategy != "no":  # the loss evaluation batches them too
         check_row_lengths(checker, eval_rows, training_args.max_length, data_args.dataset_test_split)
