@@ -156,3 +156,17 @@ def test_a_conversation_is_asked_its_last_question_with_the_turns_training_saw_b
     assert ids[: len(asked)] == list(asked)  # generation's prompt is training's text up to the last answer
     assert processor.tokenizer.decode(ids[len(asked) :]) == "USD<end_of_utterance>\n"
     assert processor.tokenizer.decode(label_tokens(batch, 0)) == "$3<end_of_utterance> USD<end_of_utterance>"
+
+
+def test_16_bit_and_float_scans_keep_their_contrast():
+    import numpy as np
+
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64)
+    for image in (Image.fromarray(ramp.astype(np.uint16)), Image.fromarray(ramp.astype(np.int32)), page("F")):
+        rgb = np.asarray(to_rgb(image, "Row 0"))
+        assert rgb.shape[-1] == 3 and rgb.dtype == np.uint8
+        if image.mode != "F":
+            # black stays black, white white, mid-grey mid-grey: not clipped to a white page
+            assert rgb[0, 0, 0] == 0 and rgb[-1, -1, 0] == 255 and 120 < rgb[32, 0, 0] < 135, image.mode
+    eight_bit = Image.fromarray(np.full((4, 4), 200, dtype=np.int32))  # 8-bit values in an I-mode image
+    assert np.asarray(to_rgb(eight_bit, "Row 0"))[0, 0, 0] == 200

@@ -245,3 +245,31 @@ def test_the_chartqa_recipe_trains_on_rendered_charts_and_reports_by_question_so
     assert len(losses) == 8 and losses[-1] < losses[0]
     report = json.loads((out / "report.json").read_text())
     assert report["count"] == 16 and set(report["systems"]["after"]["anls_by_group"]) == {"human", "machine"}
+
+
+def test_bad_rows_are_skipped_before_training_and_listed_in_the_report(tmp_path, capsys):
+    """A folder of scans with a missing page, a truncated page and an empty answer trains on the rest; the skips are
+    printed at the start and the end and recorded in report.json."""
+    from docvlm import tiny
+
+    scans = tmp_path / "scans"
+    metadata = tiny.export_pages(scans, 20, metadata_csv=True)
+    (scans / "page-003.png").write_bytes((scans / "page-003.png").read_bytes()[:100])  # truncated
+    (scans / "page-005.png").unlink()  # missing
+    lines = metadata.read_text().splitlines()
+    lines[8] = lines[8].rsplit(",", 1)[0] + ","  # page-007: empty answer
+    metadata.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    run(
+        [
+            *("--config", "recipes/local_folder_qlora.yaml", "--model_name_or_path", "docvlm:tiny-idefics2"),
+            *("--dataset_name", str(scans), "--output_dir", str(out), "--max_steps", "2", "--eval_split_size", "4"),
+            *("--per_device_train_batch_size", "4", "--dataloader_num_workers", "0", "--save_strategy", "no"),
+            *("--eval_compare_base", "false"),
+        ]
+    )
+    captured = capsys.readouterr()
+    skipped = json.loads((out / "report.json").read_text())["skipped"]
+    assert skipped["count"] == 3 and {row["row"] for row in skipped["rows"]} == {3, 5, 7}
+    assert "Skipped 3 bad row(s) before training" in captured.out
+    assert "Split 'train': skipped 1 of 16 rows" in captured.err and "Split 'test': skipped 2 of 4 rows" in captured.err

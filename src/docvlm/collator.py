@@ -35,6 +35,21 @@ class Prompt:
         return cls(data_args.instruction, data_args.system_prompt)
 
 
+def as_answers(value) -> list[str]:
+    """Accepted answers as non-empty strings: a string, a number (converted: 42 -> '42', 3.5 -> '3.5'), or a list
+    of them; None, booleans and blanks are not answers."""
+    values = value if isinstance(value, list | tuple) else [value]
+    out = []
+    for item in values:
+        if isinstance(item, bool) or item is None:
+            continue
+        if isinstance(item, int | float):
+            item = f"{item:g}" if isinstance(item, float) else str(item)
+        if isinstance(item, str) and item.strip():
+            out.append(item.strip())
+    return out
+
+
 def user_message(instruction: str, question: str, pages: int = 1) -> dict:
     """The user turn, in the seed's order: instruction, page(s), question."""
     content = [{"type": "image"} for _ in range(pages)] + [{"type": "text", "text": question}]
@@ -141,6 +156,16 @@ def to_rgb(image, where: str):
         raise UserError(f"{where}: expected an image, got {type(image).__name__}. Check image_column.")
     if image.mode == "RGB":
         return image
+    if image.mode.startswith("I") or image.mode == "F":
+        # 16-bit (I;16), 32-bit integer (I) and float (F) scans: Pillow's convert clips them at 255, which turns a
+        # 16-bit page white. Scale them into 8 bits instead (16-bit range when the values exceed 8 bits).
+        import numpy as np
+
+        values = np.asarray(image, dtype=np.float64)
+        brightest = float(values.max(initial=0))
+        top = max(brightest, 1.0) if image.mode == "F" else 65535.0 if brightest > 255 else 255.0
+        gray = np.clip(values * (255.0 / top), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
     if image.mode in ("RGBA", "LA", "P", "PA"):
         rgba = image.convert("RGBA")
         paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -175,9 +200,7 @@ class DocVQACollator:
         }
 
     def pick_answer(self, answers, where: str) -> str:
-        if isinstance(answers, str):
-            answers = [answers]
-        answers = [a for a in (answers or []) if isinstance(a, str) and a.strip()]
+        answers = as_answers(answers)
         if not answers:
             raise UserError(f"{where}: no non-empty answer. Drop such rows or fix answers_column.")
         return self.rng.choice(answers) if self.answer_choice == "random" else answers[0]

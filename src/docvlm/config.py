@@ -83,6 +83,14 @@ class DataArguments(ScriptArguments):
         },
     )
     eval_split_seed: int = field(default=42, metadata={"help": "Seed of the eval_split_size draw (reproducible)."})
+    on_bad_example: Literal["skip", "error"] = field(
+        default="skip",
+        metadata={
+            "help": "A row that cannot be used (an image that does not decode, an empty question or answer, a "
+            "sample longer than max_length): skip it, counted and named in the log and report.json, or stop "
+            "before training with the list. Every row is checked before the model loads."
+        },
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only the first N evaluation rows."})
 

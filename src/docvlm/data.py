@@ -126,7 +126,7 @@ def map_columns(dataset, args: DataArguments, split: str, source: str, base_dir:
         dataset = dataset.flatten()
     dataset = dataset.select_columns([*wanted.values(), "row"])
     dataset = dataset.rename_columns({column: role for role, column in wanted.items() if column != role})
-    _check_text_columns(dataset, args, split, source)
+    dataset = _check_text_columns(dataset, args, split, source)
     if "group" in wanted and isinstance(dataset.features["group"], ClassLabel):  # names in the report, not 0 / 1
         names = dataset.features["group"].names
         groups = [None if g is None else names[g] for g in dataset.data.column("group").to_pylist()]
@@ -291,13 +291,36 @@ def check_distinct_roles(wanted: dict[str, str]) -> None:
         seen[column] = role
 
 
-def _check_text_columns(dataset, args: DataArguments, split: str, source: str) -> None:
-    """Questions must be text and answers text or lists of text: say which file and column hold something else."""
+def _check_text_columns(dataset, args: DataArguments, split: str, source: str):
+    """Questions must be text and answers text or lists of text (numbers are read as text): say which file and
+    column hold something else."""
     from datasets import LargeList, List, Value
 
     def is_text(feature) -> bool:
         return isinstance(feature, Value) and feature.dtype in ("string", "large_string")
 
+    answers = dataset.features["answers"]
+    numbers = (
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "uint8",
+        "uint16",
+        "uint32",
+        "uint64",
+        "float16",
+        "float32",
+        "float64",
+    )
+    if isinstance(answers, Value) and answers.dtype in numbers:  # numeric answers are read as text ("42")
+        dataset = dataset.cast_column("answers", Value("string"))
+    elif (
+        isinstance(answers, List | LargeList)
+        and isinstance(answers.feature, Value)
+        and answers.feature.dtype in numbers
+    ):
+        dataset = dataset.cast_column("answers", List(Value("string")))
     answers = dataset.features["answers"]
     checks = (
         ("question", args.question_column, is_text(dataset.features["question"]), "text"),
@@ -316,6 +339,7 @@ def _check_text_columns(dataset, args: DataArguments, split: str, source: str) -
                 f"Column '{column}' ({role}_column) in {where} holds {dataset.features[role]}, but {role} must be "
                 f"{expected}. Convert that column, or point {role}_column at another."
             )
+    return dataset
 
 
 def _cast_image_paths(dataset, column: str, source: str, base_dir: Path | None):
@@ -335,24 +359,9 @@ def _cast_image_paths(dataset, column: str, source: str, base_dir: Path | None):
     def absolute(batch):
         return {"image": [[resolve(p) for p in (ps or [])] if several else resolve(ps) for ps in batch["image"]]}
 
+    # a missing file is found with every other bad page before training (docvlm.screen), skipped or reported
     dataset = dataset.map(absolute, batched=True, desc="Resolving image paths")
-    for row, paths in enumerate(dataset["image"]):
-        for image_path in paths if several else [paths]:
-            if image_path is None or not Path(image_path).is_file():
-                raise UserError(f"Row {row} of {source}: image file '{image_path}' ({column}) not found.")
     return dataset.cast_column("image", List(Image()) if several else Image())
-
-
-def _check_not_null(dataset, source: str, split: str, args: DataArguments) -> None:
-    """Reject rows whose question or answers are missing, before training starts rather than mid-epoch."""
-    for role, column in (("question", args.question_column), ("answers", args.answers_column)):
-        values = dataset.data.column(role)
-        if values.null_count:
-            row = values.to_pylist().index(None)
-            raise UserError(
-                f"Row {row} of split '{split}' in {source} has no {column} ({role}_column). "
-                "Drop or fill such rows before training."
-            )
 
 
 def load_splits(args: DataArguments, need_eval: bool = True):
@@ -366,9 +375,7 @@ def load_splits(args: DataArguments, need_eval: bool = True):
     base_dir = base_dir.parent if base_dir.is_file() else base_dir if looks_local(source) else None
 
     def mapped(name: str):
-        dataset = map_columns(raw[name], args, name, source, base_dir)
-        _check_not_null(dataset, source, name, args)
-        return dataset
+        return map_columns(raw[name], args, name, source, base_dir)
 
     def first(dataset, limit: int | None):
         return dataset.select(range(min(limit, len(dataset)))) if limit is not None else dataset
@@ -400,6 +407,17 @@ def load_splits(args: DataArguments, need_eval: bool = True):
     return train, None
 
 
+def role_columns(args: DataArguments) -> dict[str, str]:
+    """The recipe setting behind each canonical column, for messages about a row's field."""
+    if args.messages_column:
+        question = answers = f"{args.messages_column} (messages_column)"
+    elif args.field_questions or args.qa_pairs_column:
+        question = answers = "field_questions" if args.field_questions else f"{args.qa_pairs_column} (qa_pairs_column)"
+    else:
+        question, answers = f"{args.question_column} (question_column)", f"{args.answers_column} (answers_column)"
+    return {"image": f"{args.image_column} (image_column)", "question": question, "answers": answers}
+
+
 def carve_eval_split(rows, size: float, seed: int, source: str):
     """(train, held-out) from one split: a seeded draw of `size` of its rows (a fraction below 1, else a count), so
     the same recipe always holds out the same rows. The draw is over the dataset's own rows, not its questions: the
@@ -420,7 +438,7 @@ def carve_eval_split(rows, size: float, seed: int, source: str):
 
     if PartialState().is_main_process:
         print(
-            f"Held out {count} of the {len(ids)} rows of {source} for evaluation (eval_split_size {size}, "
+            f"Held out {count} of the {len(ids)} rows of {source} for evaluation (eval_split_size {size:g}, "
             f"eval_split_seed {seed}): {len(held_out)} questions held out, {len(train)} to train on.",
             file=sys.stderr,
         )

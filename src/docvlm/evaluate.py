@@ -35,7 +35,10 @@ def levenshtein(a: str, b: str) -> int:
 
 
 def as_list(answers) -> list[str]:
-    return [answers] if isinstance(answers, str) else [a for a in (answers or []) if isinstance(a, str)]
+    """Gold answers as text (numbers converted), blanks dropped: what training reads as accepted answers."""
+    from docvlm.collator import as_answers
+
+    return as_answers(answers)
 
 
 def anls(prediction: str, answers, threshold: float = ANLS_THRESHOLD) -> float:
@@ -380,11 +383,13 @@ def load_trained(model_args, training_args, base_path: str, run_dir: Path):
 
 def run_eval(argv: list[str] | None = None) -> dict:
     """`docvlm eval --config recipe.yaml [--adapter DIR]`: before/after report for a trained adapter."""
+    from docvlm.collator import DocVQACollator
     from docvlm.config import UserError, parse_recipe, recipe_argument
-    from docvlm.data import load_splits
+    from docvlm.data import load_splits, role_columns
     from docvlm.hub import check_recipe_sources
     from docvlm.modeling import disable_cudnn_attention, load_processor, model_path
     from docvlm.preflight import warn_long_answers
+    from docvlm.screen import screen, skip_summary
 
     data_args, model_args, training_args, eval_args = parse_recipe(argv)
     adapter = Path(eval_args.adapter or training_args.output_dir)
@@ -402,6 +407,15 @@ def run_eval(argv: list[str] | None = None) -> dict:
     path = model_path(model_args)
     train_rows, eval_rows = load_splits(data_args)
     processor = load_processor(model_args, str(adapter))
+    checker = DocVQACollator(processor, Prompt.of(data_args), training_args.max_length, "first")
+    eval_rows, skipped = screen(
+        eval_rows,
+        checker,
+        role_columns(data_args),
+        data_args.dataset_test_split,
+        data_args.dataset_name,
+        data_args.on_bad_example,
+    )
     warn_long_answers(processor.tokenizer, eval_rows, eval_args.eval_max_new_tokens)
     if not training_args.cudnn_attention:
         disable_cudnn_attention()  # generation meets a new length at every token
@@ -414,7 +428,7 @@ def run_eval(argv: list[str] | None = None) -> dict:
         eval_args.eval_max_new_tokens,
         training_args.per_device_eval_batch_size,
         out_dir,
-        report_meta(data_args, model_args, adapter, recipe_argument(argv)),
+        {**report_meta(data_args, model_args, adapter, recipe_argument(argv)), "skipped": skip_summary(skipped)},
         compare_base=eval_args.eval_compare_base,
         train_rows=train_rows,
     )

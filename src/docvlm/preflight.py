@@ -1,15 +1,14 @@
-"""Checks on a sample of the rows before the model loads: a problem that would surface at step N of a long run,
-or only in the final report, is reported in the first minute with counts and what to change."""
+"""A check on a sample of the held-out answers before the model loads: answers that cannot be generated whole are
+announced with counts and the setting that fits, not discovered in the final report. (Every row is checked for
+problems that would stop training by docvlm.screen.)"""
 
 from __future__ import annotations
 
 import sys
 
-from docvlm.errors import UserError
 from docvlm.evaluate import as_list
 
 ANSWER_SAMPLE = 2000  # answers are text only: cheap to tokenize
-ROW_SAMPLE = 64  # rows are decoded and resized pages: a few seconds for DocVQA scans
 
 
 def _spread(count: int, total: int) -> list[int]:
@@ -49,21 +48,3 @@ def warn_long_answers(tokenizer, rows, max_new_tokens: int) -> None:
     warning = long_answers(tokenizer, rows, max_new_tokens)
     if warning and PartialState().is_main_process:
         print(f"docvlm: warning: {warning}", file=sys.stderr)
-
-
-def check_row_lengths(collator, rows, max_length: int | None, split: str, sample: int = ROW_SAMPLE) -> None:
-    """Refuse before training when sampled rows are longer than `max_length` (image tokens included): the batch
-    holding one would stop the run when it is drawn, and image tokens cannot be truncated."""
-    if max_length is None or len(rows) == 0:
-        return
-    indices = _spread(sample, len(rows))
-    picked = rows.select(indices)
-    lengths = collator.lengths([picked[i] for i in range(len(picked))])
-    over = [(picked[i]["row"], n) for i, n in enumerate(lengths) if n > max_length]
-    if over:
-        row, worst = max(over, key=lambda item: item[1])
-        raise UserError(
-            f"{len(over)} of {len(indices)} sampled rows of split '{split}' are longer than max_length={max_length} "
-            f"tokens (image tokens included); the longest, row {row}, is {worst}. Raise max_length to at least "
-            f"{worst}, or lower image_longest_edge or the instruction's length: image tokens cannot be truncated."
-        )

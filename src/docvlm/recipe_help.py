@@ -95,6 +95,7 @@ HELP_SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "instruction",
             "system_prompt",
             "group_column",
+            "on_bad_example",
             "max_train_samples",
             "max_eval_samples",
         ),

@@ -106,6 +106,7 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
         training_dtype,
         use_expandable_segments,
     )
+    from docvlm.screen import skip_summary
     from docvlm.trainer import DocVLMTrainer
 
     data_args, model_args, training_args, eval_args = parse_recipe(argv)
@@ -121,7 +122,9 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
     needs_eval = training_args.eval_strategy != "no" or eval_args.eval_after_training
     train_dataset, eval_dataset = load_splits(data_args, need_eval=needs_eval)
     processor = load_processor(model_args, path)
-    check_data_against_recipe(processor, train_dataset, eval_dataset, data_args, training_args, eval_args)
+    train_dataset, eval_dataset, skipped = check_data_against_recipe(
+        processor, train_dataset, eval_dataset, data_args, training_args, eval_args
+    )
     if training_args.cuda_expandable_segments:
         use_expandable_segments()  # before the model takes its memory
     if not training_args.cudnn_attention:
@@ -196,7 +199,10 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
                 eval_args.eval_max_new_tokens,
                 training_args.per_device_eval_batch_size,
                 output_dir,
-                meta=report_meta(data_args, model_args, output_dir, recipe_argument(argv)),
+                meta={
+                    **report_meta(data_args, model_args, output_dir, recipe_argument(argv)),
+                    "skipped": skip_summary(skipped),
+                },
                 compare_base=eval_args.eval_compare_base,
                 train_rows=train_dataset,
             )
@@ -207,23 +213,33 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
         trainer.push_to_hub(commit_message="docvlm: adapter, processor and evaluation report")
     if trainer.accelerator.is_main_process:
         fixture = data_args.dataset_name == tiny.TINY_DATASET
+        if skipped:
+            print(f"Skipped {len(skipped)} bad row(s) before training (on_bad_example: skip); report.json lists them.")
         print(where_things_are(output_dir, training_args.report_to, page_hint=fixture))
     return trainer, metrics
 
 
-def check_data_against_recipe(processor, train_rows, eval_rows, data_args, training_args, eval_args) -> None:
-    """Before the model loads: rows too long for max_length stop here, not at the step that draws them, and held-out
-    answers too long for eval_max_new_tokens are announced, not discovered in the report."""
+def check_data_against_recipe(processor, train_rows, eval_rows, data_args, training_args, eval_args):
+    """Before the model loads: every row is checked (docvlm.screen) and the bad ones skipped or reported, as
+    on_bad_example says; held-out answers too long for eval_max_new_tokens are announced, not discovered in the
+    report. Returns the rows to use and the problems found. The optimizer steps are counted from the rows kept."""
     from docvlm.collator import DocVQACollator, Prompt
-    from docvlm.preflight import check_row_lengths, warn_long_answers
+    from docvlm.data import role_columns
+    from docvlm.preflight import warn_long_answers
+    from docvlm.screen import screen
 
     # its own collator: "first" draws nothing from the training collator's seeded answer choice
     checker = DocVQACollator(processor, Prompt.of(data_args), training_args.max_length, "first")
-    check_row_lengths(checker, train_rows, training_args.max_length, data_args.dataset_train_split)
-    if eval_rows is not None and training_args.eval_strategy != "no":  # the loss evaluation batches them too
-        check_row_lengths(checker, eval_rows, training_args.max_length, data_args.dataset_test_split)
+    columns, source, policy = role_columns(data_args), data_args.dataset_name, data_args.on_bad_example
+    train_rows, skipped = screen(train_rows, checker, columns, data_args.dataset_train_split, source, policy)
+    if len(train_rows) == 0:
+        raise UserError(f"Every training row of {source} was skipped: see the problems above.")
+    if eval_rows is not None:
+        eval_rows, eval_skipped = screen(eval_rows, checker, columns, data_args.dataset_test_split, source, policy)
+        skipped += eval_skipped
     if eval_rows is not None and eval_args.eval_after_training:
         warn_long_answers(processor.tokenizer, eval_rows, eval_args.eval_max_new_tokens)
+    return train_rows, eval_rows, skipped
 
 
 def where_things_are(output_dir: Path, report_to, page_hint: bool = False) -> str:

@@ -1,0 +1,200 @@
+"""Check every row before the first step, so that a bad row is skipped and counted (or stops the run, as the
+recipe's `on_bad_example` says) before the model loads, instead of killing a long run at the step that draws it.
+
+Each row's pages are decoded and converted, its question and answers read, and its length in tokens (image tokens
+included) taken with the training collator itself, so a row that passes here builds a batch. The check runs in
+parallel processes with a progress bar, and its result is cached by the dataset's fingerprint and every setting
+it depends on, so a rerun does not pay it again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from docvlm.collator import as_answers
+from docvlm.errors import UserError
+
+SCREEN_VERSION = "1"  # part of the cache key: bump when a check changes
+MIN_SIDE = 8  # pixels: smaller is not a page (a 1x1 placeholder, a broken thumbnail)
+MAX_ASPECT = 30  # a page 30x longer than wide is a strip or a broken scan, and resizes to nothing readable
+SHOWN = 5  # problems printed in full; all are counted, and report.json lists up to REPORTED
+REPORTED = 100
+
+
+def open_page(stored, where: str):
+    """A page from a datasets image cell ({bytes, path}) or a PIL image, decoded in full and converted to RGB;
+    raises ValueError saying what is wrong with it."""
+    from PIL import Image
+
+    from docvlm.collator import to_rgb
+
+    if isinstance(stored, Image.Image):
+        image = stored
+    else:
+        if not isinstance(stored, dict) or (stored.get("bytes") is None and not stored.get("path")):
+            raise ValueError("no image")
+        source = io.BytesIO(stored["bytes"]) if stored.get("bytes") is not None else stored["path"]
+        if isinstance(source, str):
+            if not os.path.isfile(source):
+                raise ValueError(f"image file '{source}' not found")
+            if os.path.getsize(source) == 0:
+                raise ValueError(f"image file '{source}' is empty (0 bytes)")
+        try:
+            with warnings.catch_warnings():
+                # Pillow warns above MAX_IMAGE_PIXELS and raises at twice that: both are decompression bombs here
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(source)
+                image.load()  # a truncated file fails here, not at open
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+            raise ValueError(f"image too large to decode safely ({error})") from None
+        except (OSError, SyntaxError, ValueError) as error:
+            raise ValueError(f"image cannot be decoded ({type(error).__name__}: {error})") from None
+    width, height = image.size
+    if min(width, height) < MIN_SIDE:
+        raise ValueError(f"image is {width}x{height} pixels, below {MIN_SIDE} on a side")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise ValueError(f"image is {width}x{height} pixels, more than {MAX_ASPECT}:1")
+    return to_rgb(image, where)
+
+
+def row_problem(row: dict, collator, columns: dict[str, str]) -> tuple[str, str] | None:
+    """(field, what is wrong) for a row that cannot be trained on or scored, else None."""
+    question = row.get("question")
+    if row.get("messages") is None and (not isinstance(question, str) or not question.strip()):
+        return columns["question"], "the question is empty" if isinstance(question, str) else "no question"
+    if not as_answers(row.get("answers")):
+        return columns["answers"], "no non-empty answer"
+    stored = row.get("image")
+    pages = []
+    for page in stored if isinstance(stored, list) else [stored]:
+        try:
+            pages.append(open_page(page, "Row"))
+        except (ValueError, UserError) as error:
+            return columns["image"], str(error)
+    if not pages:
+        return columns["image"], "no image"
+    try:
+        length = collator.lengths([{**row, "image": pages, "answers": as_answers(row["answers"])}])[0]
+    except UserError as error:
+        return columns["question"], str(error).removeprefix("Row: ").removeprefix("Row ")
+    if collator.max_length is not None and length > collator.max_length:
+        return columns["image"], (
+            f"{length} tokens (image tokens included), over max_length={collator.max_length}; skipped, never cut"
+        )
+    return None
+
+
+def _check_batch(batch, collator, columns):
+    rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+    found = [row_problem(row, collator, columns) for row in rows]
+    return {"_field": [p[0] if p else None for p in found], "_problem": [p[1] if p else None for p in found]}
+
+
+def _undecoded(rows):
+    """The rows with their pages left as stored bytes/paths, so that one bad page fails its row, not its batch."""
+    from datasets import Image, LargeList, List
+
+    feature = rows.features["image"]
+    if isinstance(feature, Image):
+        return rows.cast_column("image", Image(decode=False))
+    if isinstance(feature, List | LargeList) and isinstance(feature.feature, Image):
+        return rows.cast_column("image", List(Image(decode=False)))
+    return rows
+
+
+def _cache_file(rows, collator, columns) -> Path | None:
+    from docvlm.tiny import cache_root
+
+    fingerprint = getattr(rows, "_fingerprint", None)
+    if not fingerprint:
+        return None
+    processor = collator.processor
+    settings = {
+        "version": SCREEN_VERSION,
+        "rows": fingerprint,
+        "count": len(rows),
+        "max_length": collator.max_length,
+        "prompt": repr(collator.prompt),
+        "columns": columns,
+        "image_processor": processor.image_processor.to_json_string(),
+        "tokenizer": processor.tokenizer.name_or_path,
+        "vocabulary": len(processor.tokenizer),
+    }
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
+    return cache_root() / "screened" / f"{key}.json"
+
+
+def screen(rows, collator, columns: dict[str, str], split: str, source: str, policy: str = "skip"):
+    """(rows to keep, problems): every row checked, the bad ones dropped (policy "skip") or reported in one error
+    (policy "error"). Each problem names the dataset, split, row index (as in the source) and field."""
+    from accelerate import PartialState
+
+    if len(rows) == 0:
+        return rows, []
+    cache = _cache_file(rows, collator, columns)
+    state = PartialState()
+    if cache is not None and cache.is_file():
+        found = json.loads(cache.read_text())
+        if state.is_main_process:
+            print(f"Split '{split}': checked before, {len(found)} bad row(s) (cached in {cache}).", file=sys.stderr)
+    else:
+        workers = min(os.cpu_count() or 1, 8) if len(rows) >= 512 else None
+        checked = _undecoded(rows).map(
+            _check_batch,
+            batched=True,
+            batch_size=16,
+            fn_kwargs={"collator": collator, "columns": columns},
+            remove_columns=rows.column_names,
+            num_proc=workers,
+            load_from_cache_file=False,  # the result is cached below, keyed by every setting the check reads
+            desc=f"Checking {split} rows",
+        )
+        found = [
+            {"split": split, "row": row, "index": index, "field": field, "problem": problem}
+            for index, (row, field, problem) in enumerate(
+                zip(rows["row"], checked["_field"], checked["_problem"], strict=True)
+            )
+            if problem is not None
+        ]
+        if cache is not None and state.is_main_process:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            partial = cache.with_suffix(".partial")
+            partial.write_text(json.dumps(found))
+            partial.replace(cache)  # never a half-written result that a later run would trust
+    if not found:
+        return rows, []
+    lines = [f"  {source}, split '{p['split']}', row {p['row']}, {p['field']}: {p['problem']}" for p in found]
+    more = f"\n  ... and {len(found) - SHOWN} more" if len(found) > SHOWN else ""
+    if policy == "error":
+        raise UserError(
+            f"{len(found)} of the {len(rows)} rows of split '{split}' cannot be used (on_bad_example: error):\n"
+            + "\n".join(lines[:SHOWN])
+            + more
+            + "\nFix or drop them, or set on_bad_example: skip to train without them."
+        )
+    bad = {p["index"] for p in found}  # positions: several questions may share a source row, and only one be bad
+    kept = rows.select([i for i in range(len(rows)) if i not in bad])
+    if state.is_main_process:
+        print(
+            f"Split '{split}': skipped {len(rows) - len(kept)} of {len(rows)} rows (on_bad_example: skip):\n"
+            + "\n".join(lines[:SHOWN])
+            + more,
+            file=sys.stderr,
+        )
+    return kept, found
+
+
+def skip_summary(problems: list[dict]) -> dict:
+    """What report.json records of the skipped rows: counts per split and field, and the first REPORTED."""
+    counts: dict[str, int] = {}
+    for problem in problems:
+        key = f"{problem['split']}/{problem['field']}"
+        counts[key] = counts.get(key, 0) + 1
+    listed = [{k: v for k, v in p.items() if k != "index"} for p in problems[:REPORTED]]
+    return {"count": len(problems), "by_split_and_field": counts, "rows": listed}

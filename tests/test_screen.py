@@ -1,0 +1,167 @@
+"""Every row is checked before the model loads (docvlm.screen): each kind of bad row is skipped and counted, or
+stops the run with the dataset, split, row and field named (on_bad_example: error); pages in unusual modes train.
+"""
+
+import io
+import json
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from docvlm.collator import DocVQACollator, as_answers
+from docvlm.config import DataArguments
+from docvlm.data import load_splits, role_columns
+from docvlm.errors import UserError
+from docvlm.screen import screen, skip_summary
+
+
+def png(mode="RGB", size=(60, 40), color="white") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def jpeg_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), "gray").save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def folder_with(tmp_path, cases: dict[str, tuple]) -> tuple[DataArguments, list[str]]:
+    """A jsonl of one row per case (image file bytes or a path, question, answers) and the case names in order."""
+    names, lines = [], []
+    for name, (image, question, answers) in cases.items():
+        if isinstance(image, bytes):
+            path = tmp_path / f"{name}.img"
+            path.write_bytes(image)
+            image = path.name
+        names.append(name)
+        lines.append(json.dumps({"file": image, "q": question, "a": answers}))
+    (tmp_path / "rows.jsonl").write_text("\n".join(lines) + "\n")
+    data = DataArguments(
+        dataset_name=str(tmp_path / "rows.jsonl"), image_column="file", question_column="q", answers_column="a"
+    )
+    return data, names
+
+
+GOOD = (png(), "What is the total?", ["12"])
+# case name -> (image, question, answers, field the problem names, words of the message)
+BAD = {
+    "truncated_png": (png()[:60], "Q?", ["a"], "file", "cannot be decoded"),
+    "truncated_jpeg": (jpeg_bytes()[:200], "Q?", ["a"], "file", "cannot be decoded"),
+    "zero_bytes": (b"", "Q?", ["a"], "file", r"empty \(0 bytes\)"),
+    "random_bytes": (bytes(range(256)) * 8, "Q?", ["a"], "file", "cannot be decoded"),
+    "text_as_png": (b"this is not an image\n" * 20, "Q?", ["a"], "file", "cannot be decoded"),
+    "missing_file": ("nope.png", "Q?", ["a"], "file", "'.*nope.png' not found"),
+    "one_pixel": (png(size=(1, 1)), "Q?", ["a"], "file", "1x1 pixels, below 8"),
+    "strip": (png(size=(2000, 20)), "Q?", ["a"], "file", "2000x20 pixels, more than 30:1"),
+    "empty_question": (png(), "", ["a"], "q", "the question is empty"),
+    "blank_question": (png(), "   \t", ["a"], "q", "the question is empty"),
+    "null_question": (png(), None, ["a"], "q", "no question"),
+    "empty_answer_list": (png(), "Q?", [], "a", "no non-empty answer"),
+    "blank_answers": (png(), "Q?", ["", "  "], "a", "no non-empty answer"),
+    "null_answers": (png(), "Q?", None, "a", "no non-empty answer"),
+}
+
+
+@pytest.fixture(scope="module")
+def screened(tmp_path_factory, processor):
+    tmp_path = tmp_path_factory.mktemp("bad-rows")
+    cases = {"good_0": GOOD, **{name: case[:3] for name, case in BAD.items()}, "good_1": GOOD}
+    data, names = folder_with(tmp_path, cases)
+    train, _ = load_splits(data, need_eval=False)
+    collator = DocVQACollator(processor, "Answer briefly.", 512, "first")
+    kept, problems = screen(train, collator, role_columns(data), "train", data.dataset_name)
+    return data, names, train, kept, problems, collator
+
+
+def test_each_bad_row_is_skipped_and_named_with_its_field_and_what_is_wrong(screened):
+    data, names, train, kept, problems, _ = screened
+    by_row = {problem["row"]: problem for problem in problems}
+    for name, (_, _, _, field, words) in BAD.items():
+        problem = by_row.get(names.index(name))
+        assert problem is not None, f"{name} was not found"
+        assert problem["field"].startswith(f"{field} (") and problem["split"] == "train", (name, problem)
+        assert re.search(words, problem["problem"]), (name, problem["problem"])
+    assert list(kept["row"]) == [0, len(names) - 1]  # the two good rows, nothing else
+    assert len(problems) == len(BAD)
+
+
+def test_the_skips_are_printed_counted_and_summarised_for_the_report(screened, capsys, processor):
+    data, _, train, _, problems, collator = screened
+    summary = skip_summary(problems)
+    assert summary["count"] == len(BAD) and summary["by_split_and_field"]["train/file (image_column)"] == 8
+    assert all("index" not in row for row in summary["rows"])
+    screen(train, collator, role_columns(data), "train", data.dataset_name)  # again: from the cache
+    err = capsys.readouterr().err
+    assert f"checked before, {len(BAD)} bad row(s) (cached in" in err
+
+
+def test_on_bad_example_error_stops_with_the_list(screened):
+    data, _, train, _, _, collator = screened
+    with pytest.raises(UserError, match=rf"{len(BAD)} of the {len(BAD) + 2} rows of split 'train' cannot be used"):
+        screen(train, collator, role_columns(data), "train", data.dataset_name, policy="error")
+    with pytest.raises(UserError, match=r"rows.jsonl, split 'train', row 1, file \(image_column\): image cannot"):
+        screen(train, collator, role_columns(data), "train", data.dataset_name, policy="error")
+
+
+def test_a_sample_longer_than_max_length_is_skipped_whole_with_its_length(tmp_path, processor):
+    data, _ = folder_with(tmp_path, {"short": GOOD, "long": (png(), "Q? " + "word " * 400, ["a"])})
+    train, _ = load_splits(data, need_eval=False)
+    collator = DocVQACollator(processor, "Answer briefly.", 128, "first")
+    kept, problems = screen(train, collator, role_columns(data), "train", data.dataset_name)
+    assert list(kept["row"]) == [0] and problems[0]["row"] == 1
+    assert re.search(r"\d+ tokens \(image tokens included\), over max_length=128", problems[0]["problem"])
+
+
+def test_a_decompression_bomb_is_skipped_not_decoded(tmp_path, processor, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # a 60x40 page is then above the guard
+    data, _ = folder_with(tmp_path, {"bomb": GOOD, "fine": (png(size=(20, 20)), "Q?", ["a"])})
+    train, _ = load_splits(data, need_eval=False)
+    collator = DocVQACollator(processor, "Answer briefly.", 512, "first")
+    kept, problems = screen(train, collator, role_columns(data), "train", data.dataset_name)
+    assert [p["row"] for p in problems] == [0] and "too large to decode safely" in problems[0]["problem"]
+    assert list(kept["row"]) == [1]
+
+
+@pytest.mark.parametrize("mode", ["CMYK", "P", "LA", "RGBA", "I;16", "L", "1"])
+def test_pages_in_every_mode_are_kept_and_converted(tmp_path, processor, mode):
+    if mode == "I;16":
+        image = Image.fromarray(np.full((40, 60), 30000, dtype=np.uint16))
+    else:
+        image = Image.new(mode, (60, 40))
+    buffer = io.BytesIO()
+    image.save(buffer, format="TIFF" if mode == "CMYK" else "PNG")
+    data, _ = folder_with(tmp_path, {"page": (buffer.getvalue(), "Q?", ["a"])})
+    train, _ = load_splits(data, need_eval=False)
+    collator = DocVQACollator(processor, "Answer briefly.", 512, "first")
+    kept, problems = screen(train, collator, role_columns(data), "train", data.dataset_name)
+    assert problems == [] and len(kept) == 1
+
+
+def test_numbers_are_answers_converted_to_text(tmp_path, processor):
+    assert as_answers(42) == ["42"] and as_answers([3.5, "x", None, True, ""]) == ["3.5", "x"]
+    rows = []
+    for name, answers in (("int", [42, 3]), ("list", [[7, 8], [9]])):  # a column of numbers, of lists of numbers
+        folder = tmp_path / name
+        folder.mkdir()
+        data, _ = folder_with(folder, {f"r{i}": (png(), "Q?", value) for i, value in enumerate(answers)})
+        rows.append(load_splits(data, need_eval=False)[0][0])
+    batch = DocVQACollator(processor, "Answer briefly.", 512, "first")(rows)
+    labels = [processor.tokenizer.decode(row[row != -100]) for row in batch["labels"]]
+    assert labels == ["42<end_of_utterance>", "7<end_of_utterance>"]
+
+
+def test_only_the_bad_question_of_a_page_is_skipped(tmp_path, processor):
+    """Rows expanded from one page (field_questions) share the page's row number: a skip drops one question."""
+    from datasets import Dataset
+
+    page = Image.new("RGB", (60, 40), "white")
+    Dataset.from_list([{"image": page, "total": "5", "date": "x" * 3000}]).to_parquet(str(tmp_path / "r.parquet"))
+    data = DataArguments(dataset_name=str(tmp_path / "r.parquet"), field_questions={"total": "Total?", "date": "Date?"})
+    train, _ = load_splits(data, need_eval=False)
+    collator = DocVQACollator(processor, "Answer briefly.", 512, "first")
+    kept, problems = screen(train, collator, role_columns(data), "train", data.dataset_name)
+    assert list(kept["question"]) == ["Total?"] and len(problems) == 1 and problems[0]["row"] == 0
