@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,45 @@ def test_gradient_checkpointing_keys_parse_without_deprecation_warnings():
     assert training.gradient_checkpointing_kwargs == {"use_reentrant": False}
     if hasattr(training, "activation_checkpointing"):  # the newer name, where transformers has it
         assert training.activation_checkpointing is True
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--learning_rate", "-1e-4", "learning_rate is -0.0001: it must be a positive number"),
+        ("--learning_rate", "0", "learning_rate is 0.0: it must be a positive number"),
+        ("--lora_r", "0", "lora_r is 0: it must be 1 or more"),
+        ("--lora_alpha", "0", "lora_alpha is 0: it must be more than 0"),
+        ("--lora_dropout", "1.5", "lora_dropout is 1.5: it must be at least 0 and below 1"),
+        ("--lora_dropout", "-0.1", "lora_dropout is -0.1: it must be at least 0 and below 1"),
+        ("--per_device_train_batch_size", "0", "per_device_train_batch_size is 0: it must be 1 or more"),
+        ("--gradient_accumulation_steps", "0", "gradient_accumulation_steps is 0: it must be 1 or more"),
+        ("--weight_decay", "-1", "weight_decay is -1.0: it must be 0 or more"),
+        ("--lora_target_regex", "((", "lora_target_regex is not a valid regular expression"),
+    ],
+)
+def test_out_of_range_values_are_refused_when_the_recipe_is_read(flag, value, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        parse_recipe(["--config", "recipes/tiny_docvqa.yaml", f"{flag}={value}"])
+
+
+def test_lora_targets_that_match_no_layer_are_refused_before_the_data_or_weights_load(monkeypatch, capsys):
+    from docvlm import data, train
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the data was loaded")
+
+    monkeypatch.setattr(data, "load_splits", no_loading)
+    argv = ["--config", "recipes/tiny_docvqa.yaml", "--lora_target_regex", ".*text_model.*qkv_proj$"]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "lora_target_regex matches no linear layer" in err and "model.text_model.layers.0.self_attn" in err
+
+
+def test_lora_target_modules_that_match_no_layer_are_refused(tiny_model_path):
+    from docvlm.config import ModelArguments
+    from docvlm.modeling import check_lora_targets
+
+    with pytest.raises(UserError, match=r"lora_target_modules matches no linear layer .*\['qkv', 'dense'\]"):
+        check_lora_targets(ModelArguments(use_peft=True, lora_target_modules=["qkv", "dense"]), tiny_model_path)
+    check_lora_targets(ModelArguments(use_peft=True, lora_target_modules=["q_proj", "v_proj"]), tiny_model_path)

@@ -157,11 +157,18 @@ def test_token_never_reaches_the_outputs(tmp_path, monkeypatch, capfd):
     token = "hf_docvlmLeakCheck" + "x7Q2" * 8
     monkeypatch.setenv("HF_TOKEN", token)
     out = tmp_path / "run"
-    run(quick(out, "--max_steps", "2", "--eval_after_training", "true"))
+    run(
+        quick(
+            out, "--max_steps", "2", "--save_steps", "1", "--report_to", "tensorboard", "--eval_after_training", "true"
+        )
+    )
     run_eval(quick(out, "--adapter", str(out)))
     merge(str(out), str(tmp_path / "merged"), "float32")
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
-    assert len(files) > 20
+    names = {p.name for p in files}
+    # every kind of output is scanned: checkpoints, pickled arguments, TensorBoard events, reports, merged weights
+    assert {"training_args.bin", "optimizer.pt", "report.json", "predictions.jsonl", "model.safetensors"} <= names
+    assert any(name.startswith("events.out.tfevents") for name in names) and any(out.glob("checkpoint-*"))
     leaks = [str(p) for p in files if token.encode() in p.read_bytes()]
     assert leaks == []
     captured = capfd.readouterr()

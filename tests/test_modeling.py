@@ -274,3 +274,25 @@ def test_cudnn_attention_switch_turns_cudnn_sdpa_off_on_a_gpu_only(monkeypatch):
         assert modeling.disable_cudnn_attention() is True and not torch.backends.cuda.cudnn_sdp_enabled()
     finally:
         torch.backends.cuda.enable_cudnn_sdp(enabled)
+
+
+def test_trust_remote_code_is_off_unless_asked_and_then_warned_about(tiny_model_path, capsys, monkeypatch):
+    import transformers
+
+    from docvlm.config import ModelArguments, parse_recipe
+    from docvlm.modeling import load_model
+
+    assert parse_recipe(["--config", "recipes/docvqa_qlora.yaml"])[2].trust_remote_code is False
+    seen = {}
+
+    def record(path, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", record)
+    for trusted in (False, True):
+        with pytest.raises(RuntimeError, match="stop here"):
+            load_model(ModelArguments(), torch.float32, tiny_model_path, trust_remote_code=trusted, quantize=False)
+        assert seen["trust_remote_code"] is trusted and seen["use_safetensors"] is True
+        warned = "trust_remote_code is true: Python code that ships with" in capsys.readouterr().err
+        assert warned is trusted

@@ -146,6 +146,24 @@ class ModelArguments(ModelConfig):
         metadata={"help": "PEFT's init_lora_weights: gaussian, true (Kaiming-uniform), pissa, olora..."},
     )
 
+    def __post_init__(self):
+        super().__post_init__()
+        checks = (
+            ("lora_r", self.lora_r, self.lora_r >= 1, "1 or more (8 and 16 are common)"),
+            ("lora_alpha", self.lora_alpha, self.lora_alpha > 0, "more than 0 (often lora_r or 2 x lora_r)"),
+            ("lora_dropout", self.lora_dropout, 0 <= self.lora_dropout < 1, "at least 0 and below 1 (e.g. 0.1)"),
+        )
+        for name, value, ok, fix in checks:
+            if self.use_peft and not ok:  # peft fails on these only once the model has loaded
+                raise ValueError(f"{name} is {value}: it must be {fix}.")
+        if self.lora_target_regex:
+            import re
+
+            try:
+                re.compile(self.lora_target_regex)
+            except re.error as error:
+                raise ValueError(f"lora_target_regex is not a valid regular expression: {error}.") from None
+
 
 @dataclass
 class TrainConfig(SFTConfig):
@@ -238,12 +256,50 @@ class TrainConfig(SFTConfig):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Keep false: docvlm's collator reads the question and answers columns."}
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "output_dir already holds another run: start over there, removing its checkpoints, adapter and "
+            "reports first. Without it (or resume_from_checkpoint) such a folder is refused, never mixed."
+        },
+    )
 
     def __post_init__(self):
         if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _cuda_available(False):
             # several processes (torchrun, accelerate launch --num_processes N) on a machine without a GPU: accelerate
             # sets up gloo data parallelism only when told the run is on the CPU; otherwise each process trains alone
             self.use_cpu = True
+        for name, value, ok, fix in (
+            ("learning_rate", self.learning_rate, self.learning_rate > 0, "a positive number such as 1.0e-4"),
+            (
+                "per_device_train_batch_size",
+                self.per_device_train_batch_size,
+                self.per_device_train_batch_size >= 1,
+                "1 or more",
+            ),
+            (
+                "per_device_eval_batch_size",
+                self.per_device_eval_batch_size,
+                self.per_device_eval_batch_size >= 1,
+                "1 or more",
+            ),
+            (
+                "gradient_accumulation_steps",
+                self.gradient_accumulation_steps,
+                self.gradient_accumulation_steps >= 1,
+                "1 or more",
+            ),
+            (
+                "num_train_epochs",
+                self.num_train_epochs,
+                self.num_train_epochs > 0 or self.max_steps > 0,
+                "more than 0 (or set max_steps)",
+            ),
+            ("weight_decay", self.weight_decay, self.weight_decay >= 0, "0 or more"),
+            ("warmup_steps", self.warmup_steps, self.warmup_steps >= 0, "0 or more"),
+        ):
+            if not ok:  # transformers accepts these and fails (or trains nothing) only once the model has loaded
+                raise ValueError(f"{name} is {value}: it must be {fix}.")
         if self.connector_checkpoint_pages < 1:
             raise ValueError(f"connector_checkpoint_pages must be at least 1, got {self.connector_checkpoint_pages}.")
         if self.vision_tower_pages < 0:

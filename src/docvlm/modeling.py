@@ -110,6 +110,14 @@ def load_model(
     from transformers import AutoModelForImageTextToText
 
     quant = quantization_config(args, compute_dtype) if quantize else None
+    if trust_remote_code and PartialState().is_main_process:
+        import sys
+
+        print(
+            f"docvlm: warning: trust_remote_code is true: Python code that ships with {path} runs on this machine. "
+            "Keep it only for repositories you trust, pinned with model_revision.",
+            file=sys.stderr,
+        )
     kwargs = {
         "revision": args.model_revision,
         "dtype": resolve_dtype(args.dtype, compute_dtype),
@@ -402,3 +410,34 @@ def checkpoint_connector(model, pages_per_chunk: int = 1) -> bool:
 
     connector.forward = forward
     return True
+
+
+def check_lora_targets(args: ModelArguments, path: str, trust_remote_code: bool = False) -> None:
+    """Refuse, before any weight loads, LoRA targets that match no linear layer: peft finds out only after the
+    (4-bit) model has loaded, and names target_modules even when the recipe set lora_target_regex. The module
+    names come from the model built on the meta device from its config (no weights, a few seconds)."""
+    import re
+
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    if not args.use_peft:
+        return
+    targets = args.lora_target_regex or args.lora_target_modules
+    if targets is None or targets == "all-linear" or targets == ["all-linear"]:
+        return
+    config = AutoConfig.from_pretrained(path, revision=args.model_revision, trust_remote_code=trust_remote_code)
+    with init_empty_weights():
+        skeleton = AutoModelForImageTextToText.from_config(config, trust_remote_code=trust_remote_code)
+    linear = [name for name, module in skeleton.named_modules() if isinstance(module, torch.nn.Linear)]
+    key = "lora_target_regex" if args.lora_target_regex else "lora_target_modules"
+    if isinstance(targets, str):  # peft reads a string as a regex over the full module name
+        matched = [n for n in linear if re.fullmatch(targets, n)]
+    else:  # a list names modules by their last part(s)
+        matched = [n for n in linear if any(n == t or n.endswith(f".{t}") for t in targets)]
+    if not matched:
+        examples = ", ".join(linear[:: max(1, len(linear) // 8)][:8])
+        raise UserError(
+            f"{key} matches no linear layer of {path}: {targets!r}. Its linear layers are named like: {examples}."
+        )

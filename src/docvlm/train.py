@@ -7,28 +7,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
 from docvlm.errors import UserError
-
-
-def resolve_checkpoint(value: str | None, output_dir: str) -> str | None:
-    """`resume_from_checkpoint`: a checkpoint path, or true/latest for the newest one in output_dir."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    if value is None or str(value).lower() in ("", "false", "none"):
-        return None
-    if str(value).lower() in ("true", "latest"):
-        last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
-        if last is None:
-            raise UserError(f"resume_from_checkpoint is {value}, but {output_dir} holds no checkpoint-* folder.")
-        return last
-    if not Path(value).is_dir():
-        raise UserError(f"resume_from_checkpoint: {value} is not a checkpoint folder.")
-    return value
 
 
 def save_resolved_recipe(path: Path, *arg_groups) -> None:
@@ -94,6 +79,7 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
     from docvlm.evaluate import evaluate_model, load_trained, report_meta
     from docvlm.hub import check_recipe_sources
     from docvlm.modeling import (
+        check_lora_targets,
         checkpoint_connector,
         disable_cudnn_attention,
         frozen_vision_without_grad,
@@ -106,6 +92,7 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
         training_dtype,
         use_expandable_segments,
     )
+    from docvlm.runs import StopRequests, check_output_dir, resolve_checkpoint
     from docvlm.screen import skip_summary
     from docvlm.trainer import DocVLMTrainer
 
@@ -118,7 +105,11 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
     check_one_gpu_per_process()
     check_recipe_sources(model_args, data_args)
     check_push(training_args)
+    resuming = training_args.resume_from_checkpoint not in (None, "", "false", "False", "none")
+    current = {**asdict(data_args), **asdict(model_args), **asdict(training_args)}
+    check_output_dir(training_args.output_dir, resuming, training_args.overwrite_output_dir, current)
     path = model_path(model_args)
+    check_lora_targets(model_args, path, training_args.trust_remote_code)  # before the data and the weights
     needs_eval = training_args.eval_strategy != "no" or eval_args.eval_after_training
     train_dataset, eval_dataset = load_splits(data_args, need_eval=needs_eval)
     processor = load_processor(model_args, path)
@@ -167,7 +158,13 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
         save_resolved_recipe(output_dir / "recipe.yaml", data_args, model_args, training_args, eval_args)
 
     checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    stops = StopRequests()
+    trainer.add_callback(stops.callback())
+    with stops:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+    if stops.received is not None:
+        # a preempted machine: the checkpoint just written is the result; no final adapter, no evaluation
+        raise Stopped(stops.received, trainer.state.global_step, output_dir)
     trainer.save_model()  # the adapter (or full weights) and the processor
     # the main process writes the files: the others must not look for them (the evaluation reloads them) before
     trainer.accelerator.wait_for_everyone()
@@ -263,6 +260,14 @@ def where_things_are(output_dir: Path, report_to, page_hint: bool = False) -> st
     return "\n".join(lines)
 
 
+class Stopped(Exception):
+    """Training stopped on a signal after saving a checkpoint; the process exits with 128 + the signal's number."""
+
+    def __init__(self, signum: int, step: int, output_dir: Path):
+        super().__init__(f"stopped at step {step} on signal {signum}")
+        self.signum, self.step, self.output_dir = signum, step, output_dir
+
+
 def main(argv: list[str] | None = None) -> int:
     from docvlm.recipe_help import exit_on_help
     from docvlm.runtime import quiet_third_party_noise
@@ -275,6 +280,23 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"docvlm: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        print(
+            f"docvlm: error: the disk is full ({err.filename or err}). Free some space: the checkpoints saved before "
+            "are intact, and the same command with --resume_from_checkpoint latest resumes from the last complete "
+            "one (a checkpoint cut off by this error is passed over).",
+            file=sys.stderr,
+        )
+        return 2
+    except Stopped as stop:
+        print(
+            f"docvlm: stopped by a signal at step {stop.step}; checkpoint-{stop.step} in {stop.output_dir} holds the "
+            "adapter and the optimizer state. Run the same command with --resume_from_checkpoint latest to go on.",
+            file=sys.stderr,
+        )
+        return 128 + stop.signum
     return 0
 
 

@@ -1,0 +1,193 @@
+"""The run folder across restarts: one run per output_dir, resuming only from a complete checkpoint of that same
+run, and a stop asked by the machine (SIGTERM, SIGINT) that leaves a resumable checkpoint and a failing exit.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+from docvlm.errors import UserError
+
+RUN_MARKERS = ("recipe.yaml", "trainer_state.json", "adapter_config.json", "report.json")
+# What a resumed run must share with the run that wrote the checkpoint: another dataset or model would silently
+# train something else on top of it.
+SAME_RUN_FIELDS = (
+    "model_name_or_path",
+    "dataset_name",
+    "dataset_config",
+    "dataset_train_split",
+    "image_column",
+    "question_column",
+    "answers_column",
+    "field_questions",
+    "qa_pairs_column",
+    "messages_column",
+    "max_train_samples",
+    "lora_r",
+    "lora_target_regex",
+    "lora_target_modules",
+    "load_in_4bit",
+)
+
+
+def checkpoints(output_dir: Path) -> list[Path]:
+    """checkpoint-N folders, newest (highest N) first."""
+    found = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+
+
+def incomplete_because(checkpoint: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (a kill during its save), or None when it is whole. The Trainer
+    writes the weights, then the optimizer, scheduler and RNG state, then trainer_state.json: a readable
+    trainer_state.json beside weights and optimizer state means the save finished."""
+    if not any((checkpoint / name).is_file() for name in ("adapter_model.safetensors", "model.safetensors")) and not (
+        any(checkpoint.glob("model-*.safetensors")) or any(checkpoint.glob("global_step*"))
+    ):
+        return "no weights"
+    if not (checkpoint / "optimizer.pt").is_file() and not any(checkpoint.glob("global_step*")):
+        return "no optimizer state"
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return "no readable trainer_state.json"
+    return None
+
+
+def resolve_checkpoint(value: str | None, output_dir: str) -> str | None:
+    """`resume_from_checkpoint`: a checkpoint path, or true/latest for the newest complete one in output_dir;
+    incomplete ones (a kill during a save) are passed over, and said so."""
+    if value is None or str(value).lower() in ("", "false", "none"):
+        return None
+    if str(value).lower() in ("true", "latest"):
+        for checkpoint in checkpoints(Path(output_dir)):
+            why = incomplete_because(checkpoint)
+            if why is None:
+                return str(checkpoint)
+            print(f"Not resuming from {checkpoint}: it is incomplete ({why}), probably cut off while saving.")
+        raise UserError(f"resume_from_checkpoint is {value}, but {output_dir} holds no complete checkpoint-* folder.")
+    if not Path(value).is_dir():
+        raise UserError(f"resume_from_checkpoint: {value} is not a checkpoint folder.")
+    why = incomplete_because(Path(value))
+    if why is not None:
+        raise UserError(f"resume_from_checkpoint: {value} is incomplete ({why}); pick an earlier checkpoint.")
+    return value
+
+
+def check_output_dir(output_dir: str, resuming: bool, overwrite: bool, current: dict) -> None:
+    """Refuse to mix runs in one folder: a folder holding another run is resumed (same run only), started over
+    (overwrite_output_dir, docvlm run folders only) or refused. `current`: this run's resolved fields."""
+    from accelerate import PartialState
+
+    folder = Path(output_dir)
+    held = [name for name in RUN_MARKERS if (folder / name).exists()] + [p.name for p in checkpoints(folder)][:3]
+    if not held:
+        return
+    if resuming:
+        _check_same_run(folder, current)
+        return
+    if overwrite:
+        if not (folder / "recipe.yaml").is_file():
+            raise UserError(
+                f"overwrite_output_dir is true, but {folder} was not written by docvlm (no recipe.yaml): docvlm "
+                "removes only its own run folders. Choose another output_dir."
+            )
+        state = PartialState()
+        if state.is_main_process:
+            print(f"overwrite_output_dir: removing the earlier run in {folder}/ ({', '.join(held)}).")
+            shutil.rmtree(folder)
+        state.wait_for_everyone()
+        return
+    raise UserError(
+        f"output_dir {folder} already holds a run ({', '.join(held)}). Continue it with --resume_from_checkpoint "
+        "latest, start over there with --overwrite_output_dir true (removes it), or set another --output_dir."
+    )
+
+
+def _check_same_run(folder: Path, current: dict) -> None:
+    import yaml
+
+    recipe = folder / "recipe.yaml"
+    if not recipe.is_file():
+        return
+    earlier = yaml.safe_load(recipe.read_text()) or {}
+    differ = [
+        f"{name}: {earlier.get(name)!r} there, {current.get(name)!r} now"
+        for name in SAME_RUN_FIELDS
+        if name in earlier and _plain(earlier.get(name)) != _plain(current.get(name))
+    ]
+    if differ:
+        raise UserError(
+            f"resume_from_checkpoint would continue the run in {folder}, but it trained something else ("
+            + "; ".join(differ)
+            + "). Set another --output_dir for this run, or --overwrite_output_dir true to replace that one."
+        )
+
+
+def _plain(value):
+    return json.loads(json.dumps(value, default=str))
+
+
+class StopRequests:
+    """SIGTERM and SIGINT (a preempted or shut-down machine, Ctrl-C) ask training to stop after the current step
+    with a checkpoint, instead of killing it between checkpoints. A second signal stops at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._note)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _note(self, signum, frame):
+        if self.received is not None:  # asked twice: stop now
+            raise KeyboardInterrupt
+        self.received = signum
+        print(
+            f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step, then stopping.",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def callback(self):
+        """A TrainerCallback that turns a noted signal into save-and-stop at the end of the step, on every process
+        together (each must join the checkpoint's collective save)."""
+        from transformers import TrainerCallback
+
+        requests = self
+
+        class SaveAndStopOnSignal(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if _any_process(requests.received is not None, args):
+                    control.should_save = True
+                    control.should_training_stop = True
+                return control
+
+        return SaveAndStopOnSignal()
+
+
+def _any_process(flag: bool, args) -> bool:
+    """Whether any process has the flag: the processes receive a signal at slightly different steps."""
+    if args.world_size <= 1:
+        return flag
+    import torch
+    import torch.distributed as dist
+
+    device = "cuda" if torch.cuda.is_available() and dist.get_backend() == "nccl" else "cpu"
+    value = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
