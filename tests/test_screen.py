@@ -5,6 +5,7 @@ stops the run with the dataset, split, row and field named (on_bad_example: erro
 import io
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -165,3 +166,42 @@ def test_only_the_bad_question_of_a_page_is_skipped(tmp_path, processor):
     collator = DocVQACollator(processor, "Answer briefly.", 512, "first")
     kept, problems = screen(train, collator, role_columns(data), "train", data.dataset_name)
     assert list(kept["question"]) == ["Total?"] and len(problems) == 1 and problems[0]["row"] == 0
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("rows.jsonl", b'{"q": "a"}\n{"q": "b",\n', r"rows.jsonl, line 2: not valid JSON"),
+        ("rows.jsonl", b'{"q": "a"}\n{"q": "caf\xe9"}\n', r"rows.jsonl, line 2: not valid UTF-8 \(byte 11"),
+        ("rows.csv", b"file,q,a\np.png,caf\xe9,1\n", r"rows.csv, line 2: not valid UTF-8"),
+        ("rows.json", b'{"q": "a"}\n{"q"\n', r"rows.json, line 2: not valid JSON"),
+    ],
+)
+def test_a_malformed_data_file_names_the_file_and_line(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(UserError, match=message):
+        load_splits(DataArguments(dataset_name=str(tmp_path / name)), need_eval=False)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / f"train{Path(name).suffix}").write_bytes(content)  # in a folder of split files too
+    with pytest.raises(UserError, match=message.replace("rows", "train")):
+        load_splits(DataArguments(dataset_name=str(folder)), need_eval=False)
+
+
+def test_a_json_document_is_left_to_the_parser(tmp_path):
+    from docvlm.data import check_text_file
+
+    (tmp_path / "doc.json").write_text('[\n  {"q": "a"}\n]\n')
+    check_text_file(tmp_path / "doc.json")  # not JSON lines: no complaint
+
+
+def test_a_dataloader_workers_error_is_shown_as_its_own_message():
+    from docvlm.train import worker_free
+
+    wrapped = (
+        "Caught UserError in DataLoader worker process 1.\nOriginal Traceback (most recent call last):\n"
+        '  File "x.py", line 3, in f\n    raise UserError(...)\n'
+        "docvlm.errors.UserError: Row 7: the question is empty.\n"
+    )
+    assert worker_free(wrapped) == "Row 7: the question is empty."
+    assert worker_free("plain message") == "plain message"

@@ -34,6 +34,7 @@ def load_raw(name: str, config: str | None = None):
         kind = _DATA_FILE_TYPES.get(path.suffix)
         if kind is None:
             raise UserError(f"Cannot read {path}: use one of {sorted(_DATA_FILE_TYPES)} or a folder.")
+        check_text_file(path)
         return load_dataset(kind, data_files={"train": str(path)})
     if path.is_dir():
         return _load_folder(path, config)
@@ -56,9 +57,41 @@ def _load_folder(path: Path, config: str | None):
     if builder.name not in ("json", "csv", "parquet"):
         return load_dataset(str(path), config)  # an image folder (with metadata.jsonl / .csv) reads its own way
     files = {str(split): list(names) for split, names in builder.config.data_files.items()}
+    for names in files.values():
+        for name in names:
+            check_text_file(Path(name))
     return DatasetDict(
         {split: load_dataset(builder.name, data_files={split: names})[split] for split, names in files.items()}
     )
+
+
+def check_text_file(path: Path) -> None:
+    """jsonl / json-lines / csv files are read line by line first, so that invalid UTF-8 or a malformed JSON line
+    is reported with its file and line number instead of a parser traceback. A JSON document (not lines) is left to
+    the parser."""
+    if path.suffix not in (".jsonl", ".json", ".csv"):
+        return
+    json_lines = path.suffix == ".jsonl"
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise UserError(
+                    f"{path}, line {number}: not valid UTF-8 (byte {error.start + 1} of the line). Save it as UTF-8."
+                ) from None
+            if path.suffix == ".json" and number == 1:
+                try:
+                    json_lines = isinstance(json.loads(line), dict)  # one object per line
+                except json.JSONDecodeError:
+                    json_lines = False  # a JSON document over several lines: the parser reads it
+                continue
+            if json_lines and line.strip():
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as error:
+                    where = f"{path}, line {number}"
+                    raise UserError(f"{where}: not valid JSON ({error.msg}, column {error.colno}).") from None
 
 
 def split_files(source: str) -> dict[str, str]:

@@ -260,6 +260,15 @@ def where_things_are(output_dir: Path, report_to, page_hint: bool = False) -> st
     return "\n".join(lines)
 
 
+def worker_free(message: str) -> str:
+    """A dataloader worker's error as its own message: torch re-raises it as "Caught UserError in DataLoader worker
+    process 1. Original Traceback ..." followed by the worker's traceback, burying what went wrong."""
+    if message.startswith("Caught ") and "Original Traceback" in message:
+        last = message.strip().splitlines()[-1]
+        return last.split(": ", 1)[1] if last.startswith(("docvlm.errors.UserError", "UserError")) else last
+    return message
+
+
 class Stopped(Exception):
     """Training stopped on a signal after saving a checkpoint; the process exits with 128 + the signal's number."""
 
@@ -278,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(argv)
     except UserError as err:
-        print(f"docvlm: error: {err}", file=sys.stderr)
+        print(f"docvlm: error: {worker_free(str(err))}", file=sys.stderr)
         return 2
     except OSError as err:
         if err.errno != errno.ENOSPC:
