@@ -78,7 +78,7 @@ def train_as_two_machines(out: Path, port: int, gpus: bool) -> list[str]:
     for rank in (0, 1):
         env = {**clean_env(), **({"CUDA_VISIBLE_DEVICES": str(rank)} if gpus else {})}
         machine = ["--machine_rank", str(rank), "--num_machines", "2", "--main_process_ip", "127.0.0.1"]
-        command = launch_command("multi_node", port, *machine, "--num_processes", "2", *([] if gpus else ["--cpu"]))
+        command = launch_command("multi_node", port, *machine, "--num_processes", "2")
         command += quick(out, "--max_steps", "2", "--per_device_train_batch_size", "2", "--save_strategy", "no")
         command += ["--precision", "bf16"] if gpus else []
         launches.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
