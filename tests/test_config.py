@@ -190,3 +190,19 @@ def test_lora_target_modules_that_match_no_layer_are_refused(tiny_model_path):
     with pytest.raises(UserError, match=r"lora_target_modules matches no linear layer .*\['qkv', 'dense'\]"):
         check_lora_targets(ModelArguments(use_peft=True, lora_target_modules=["qkv", "dense"]), tiny_model_path)
     check_lora_targets(ModelArguments(use_peft=True, lora_target_modules=["q_proj", "v_proj"]), tiny_model_path)
+
+
+def test_conflicting_precision_flags_and_bf16_on_a_gpu_without_it_are_refused(monkeypatch):
+    base = ["--config", "recipes/tiny_docvqa.yaml"]
+    with pytest.raises(UserError, match="bf16 and fp16 are both true"):
+        parse_recipe([*base, "--bf16", "true", "--fp16", "true"])
+    with pytest.raises(UserError, match="precision is fp32, but bf16 is true: set only `precision`"):
+        parse_recipe([*base, "--precision", "fp32", "--bf16", "true"])
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla T4")
+    with pytest.raises(ValueError, match="precision is bf16, but Tesla T4 has no bf16"):
+        resolve_precision("bf16")
+    assert resolve_precision("auto") == (False, True)  # fp16 there

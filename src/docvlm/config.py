@@ -308,6 +308,16 @@ class TrainConfig(SFTConfig):
             # a recipe's persistent workers mean nothing once --dataloader_num_workers 0 is asked for; torch would
             # refuse the combination only when the first batch is loaded
             self.dataloader_persistent_workers = False
+        if self.bf16 and self.fp16:
+            raise ValueError("bf16 and fp16 are both true: set `precision: bf16` or `precision: fp16` instead.")
+        if (
+            self.precision != "auto"
+            and (self.bf16 or self.fp16)
+            and ("bf16" if self.bf16 else "fp16") != self.precision
+        ):
+            raise ValueError(
+                f"precision is {self.precision}, but {'bf16' if self.bf16 else 'fp16'} is true: set only `precision`."
+            )
         if self.precision != "auto" or not (self.bf16 or self.fp16):
             self.bf16, self.fp16 = resolve_precision(self.precision, use_cpu=self.use_cpu)
         if self.dataloader_pin_memory and not _cuda_available(self.use_cpu):
@@ -383,6 +393,11 @@ def resolve_precision(precision: str, use_cpu: bool = False) -> tuple[bool, bool
     import torch
 
     if precision == "bf16":
+        if not use_cpu and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+            raise ValueError(
+                f"precision is bf16, but {torch.cuda.get_device_name()} has no bf16: use precision: auto (fp16 with "
+                "fp32 adapter weights there) or fp16."
+            )
         return True, False
     if precision == "fp16":
         return False, True

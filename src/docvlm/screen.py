@@ -130,6 +130,36 @@ def _cache_file(rows, collator, columns) -> Path | None:
     return cache_root() / "screened" / f"{key}.json"
 
 
+def _cached(cache: Path | None, split: str, say: bool) -> list[dict] | None:
+    if cache is None or not cache.is_file():
+        return None
+    found = json.loads(cache.read_text())
+    if say:
+        print(f"Split '{split}': checked before, {len(found)} bad row(s) (cached in {cache}).", file=sys.stderr)
+    return found
+
+
+def _check_all(rows, collator, columns, split: str) -> list[dict]:
+    workers = min(os.cpu_count() or 1, 8) if len(rows) >= 512 else None
+    checked = _undecoded(rows).map(
+        _check_batch,
+        batched=True,
+        batch_size=16,
+        fn_kwargs={"collator": collator, "columns": columns},
+        remove_columns=rows.column_names,
+        num_proc=workers,
+        load_from_cache_file=False,  # the result is cached by screen(), keyed by every setting the check reads
+        desc=f"Checking {split} rows",
+    )
+    return [
+        {"split": split, "row": row, "index": index, "field": field, "problem": problem}
+        for index, (row, field, problem) in enumerate(
+            zip(rows["row"], checked["_field"], checked["_problem"], strict=True)
+        )
+        if problem is not None
+    ]
+
+
 def screen(rows, collator, columns: dict[str, str], split: str, source: str, policy: str = "skip"):
     """(rows to keep, problems): every row checked, the bad ones dropped (policy "skip") or reported in one error
     (policy "error"). Each problem names the dataset, split, row index (as in the source) and field."""
@@ -139,34 +169,15 @@ def screen(rows, collator, columns: dict[str, str], split: str, source: str, pol
         return rows, []
     cache = _cache_file(rows, collator, columns)
     state = PartialState()
-    if cache is not None and cache.is_file():
-        found = json.loads(cache.read_text())
-        if state.is_main_process:
-            print(f"Split '{split}': checked before, {len(found)} bad row(s) (cached in {cache}).", file=sys.stderr)
-    else:
-        workers = min(os.cpu_count() or 1, 8) if len(rows) >= 512 else None
-        checked = _undecoded(rows).map(
-            _check_batch,
-            batched=True,
-            batch_size=16,
-            fn_kwargs={"collator": collator, "columns": columns},
-            remove_columns=rows.column_names,
-            num_proc=workers,
-            load_from_cache_file=False,  # the result is cached below, keyed by every setting the check reads
-            desc=f"Checking {split} rows",
-        )
-        found = [
-            {"split": split, "row": row, "index": index, "field": field, "problem": problem}
-            for index, (row, field, problem) in enumerate(
-                zip(rows["row"], checked["_field"], checked["_problem"], strict=True)
-            )
-            if problem is not None
-        ]
-        if cache is not None and state.is_main_process:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            partial = cache.with_suffix(".partial")
-            partial.write_text(json.dumps(found))
-            partial.replace(cache)  # never a half-written result that a later run would trust
+    with state.main_process_first():  # under a multi-process launch the others then read what the main one cached
+        found = _cached(cache, split, state.is_main_process)
+        if found is None:
+            found = _check_all(rows, collator, columns, split)
+            if cache is not None and state.is_main_process:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                partial = cache.with_suffix(".partial")
+                partial.write_text(json.dumps(found))
+                partial.replace(cache)  # never a half-written result that a later run would trust
     if not found:
         return rows, []
     lines = [f"  {source}, split '{p['split']}', row {p['row']}, {p['field']}: {p['problem']}" for p in found]
