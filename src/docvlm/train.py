@@ -77,6 +77,7 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
         whole_model_loading,
     )
     from docvlm.evaluate import evaluate_model, load_trained, report_meta
+    from docvlm.families import family_at, refuse_what_does_not_apply
     from docvlm.hub import check_recipe_sources
     from docvlm.modeling import (
         check_lora_targets,
@@ -109,6 +110,8 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
     current = {**asdict(data_args), **asdict(model_args), **asdict(training_args)}
     check_output_dir(training_args.output_dir, resuming, training_args.overwrite_output_dir, current)
     path = model_path(model_args)
+    family = family_at(path, model_args.model_revision, training_args.trust_remote_code)
+    refuse_what_does_not_apply(family, model_args, training_args)
     check_lora_targets(model_args, path, training_args.trust_remote_code)  # before the data and the weights
     needs_eval = training_args.eval_strategy != "no" or eval_args.eval_after_training
     train_dataset, eval_dataset = load_splits(data_args, need_eval=needs_eval)
@@ -124,14 +127,15 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
     model = load_model(
         model_args, training_dtype(training_args), path, training_args.trust_remote_code, place=not sharded
     )
-    if training_args.vision_tower_no_grad:
-        # a model without a separate vision tower has nothing to skip
-        frozen_vision_without_grad(model, training_args.vision_tower_pages)
-    if training_args.connector_lean_activations:
-        lean_connector_activations(model)  # a model without an Idefics2-style connector has nothing to change
+    # the family allows these switches (refuse_what_does_not_apply); a model whose modules are not where its
+    # family keeps them is refused too, never trained with the switch silently off
+    if training_args.vision_tower_no_grad and not frozen_vision_without_grad(model, training_args.vision_tower_pages):
+        raise UserError(f"vision_tower_no_grad is true, but this {family.name} model has no vision tower to skip.")
+    if training_args.connector_lean_activations and not lean_connector_activations(model):
+        raise UserError(f"connector_lean_activations is true, but this {family.name} model has no connector.")
     pages = training_args.connector_checkpoint_pages
     if training_args.connector_checkpointing and not checkpoint_connector(model, pages):
-        raise UserError("connector_checkpointing is true, but this model has no Idefics2-style connector.")
+        raise UserError(f"connector_checkpointing is true, but this {family.name} model has no connector.")
 
     output_dir = Path(training_args.output_dir)
     trainer = DocVLMTrainer(

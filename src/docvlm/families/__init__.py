@@ -1,0 +1,112 @@
+"""Model families: what docvlm knows about each VLM family, selected from the model config's `model_type`.
+
+A family lists the recipe switches and processor options that apply to it. A recipe that turns on one that does
+not apply stops at start-up, naming the switch and the family, instead of the switch silently doing nothing or
+failing at the first step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from docvlm.errors import UserError
+
+# Recipe switches that reach into a family's modules (docvlm.modeling), with the recipe value that turns each on.
+MODULE_SWITCHES = {
+    "vision_tower_no_grad": lambda args: bool(args.vision_tower_no_grad),
+    "vision_tower_pages": lambda args: bool(args.vision_tower_no_grad and args.vision_tower_pages),
+    "connector_checkpointing": lambda args: bool(args.connector_checkpointing),
+    "connector_lean_activations": lambda args: bool(args.connector_lean_activations),
+}
+# Processor options a recipe can set (ModelArguments), with the value that means "set".
+PROCESSOR_OPTIONS = {
+    "do_image_splitting": lambda args: bool(args.do_image_splitting),
+    "image_longest_edge": lambda args: args.image_longest_edge is not None,
+    "image_shortest_edge": lambda args: args.image_shortest_edge is not None,
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: tuple[str, ...]
+    switches: frozenset[str] = field(default_factory=frozenset)
+    processor_options: frozenset[str] = field(default_factory=frozenset)
+    why_not: str = ""  # said when a switch or option is refused
+
+
+IDEFICS2 = Family(
+    "Idefics2",
+    ("idefics2",),
+    switches=frozenset(MODULE_SWITCHES),
+    processor_options=frozenset(PROCESSOR_OPTIONS),
+)
+IDEFICS3 = Family(
+    "Idefics3 / SmolVLM",
+    ("idefics3", "smolvlm"),
+    # its tower is called with keywords, as docvlm's chunking expects; its connector is a pixel shuffle and one
+    # projection taking a single tensor, not Idefics2's perceiver
+    switches=frozenset({"vision_tower_no_grad", "vision_tower_pages"}),
+    processor_options=frozenset({"do_image_splitting"}),
+    why_not="its connector is a pixel shuffle and one projection, not Idefics2's perceiver resampler, and its "
+    "processor sizes pages in its own way",
+)
+QWEN2_VL = Family(
+    "Qwen2-VL",
+    ("qwen2_vl", "qwen2_5_vl"),
+    # the tower is called positionally with a grid of patches per image: it runs without grad, but whole
+    switches=frozenset({"vision_tower_no_grad"}),
+    why_not="its vision tower takes all patches with their grid at once and it has no separate connector; its "
+    "processor sizes pages by pixel count (min_pixels / max_pixels), not by edge",
+)
+LLAVA = Family(
+    "LLaVA",
+    ("llava", "llava_next"),
+    switches=frozenset({"vision_tower_no_grad"}),
+    why_not="its vision tower is called positionally (run without grad, but whole) and its projector is not "
+    "Idefics2's connector",
+)
+PALIGEMMA = Family(
+    "PaliGemma",
+    ("paligemma",),
+    switches=frozenset({"vision_tower_no_grad"}),
+    why_not="its vision tower is called positionally (run without grad, but whole) and its projector is not "
+    "Idefics2's connector",
+)
+FAMILIES = (IDEFICS2, IDEFICS3, QWEN2_VL, LLAVA, PALIGEMMA)
+
+
+def family_of(model_type: str) -> Family:
+    """The family of a config's model_type; an unknown one gets no family switch or processor option."""
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            return family
+    return Family(
+        f"{model_type} (not one docvlm knows)",
+        (model_type,),
+        why_not="docvlm has no family module for it: only switches that do not reach into the model apply",
+    )
+
+
+def family_at(path: str, revision: str | None = None, trust_remote_code: bool = False) -> Family:
+    """The family of the model at `path` (a folder or a Hub id), from its config alone."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    return family_of(config.model_type)
+
+
+def refuse_what_does_not_apply(family: Family, model_args, training_args) -> None:
+    """Stop at start-up when the recipe turns on a switch or a processor option the family does not have."""
+    for name, is_on in MODULE_SWITCHES.items():
+        if is_on(training_args) and name not in family.switches:
+            raise UserError(
+                f"{name} is on in the recipe, but it does not apply to {family.name} models: {family.why_not}. "
+                f"Set {name}: {'0' if name == 'vision_tower_pages' else 'false'}."
+            )
+    for name, is_set in PROCESSOR_OPTIONS.items():
+        if is_set(model_args) and name not in family.processor_options:
+            raise UserError(
+                f"{name} is set in the recipe, but it does not apply to {family.name} models: {family.why_not}. "
+                f"Remove it (null)."
+            )

@@ -1,0 +1,49 @@
+"""Each family allows the switches and processor options that apply to it and refuses the others at start-up,
+naming the switch and the family (docvlm.families)."""
+
+import pytest
+import transformers
+
+from docvlm.config import parse_recipe
+from docvlm.errors import UserError
+from docvlm.families import IDEFICS2, family_at, family_of, refuse_what_does_not_apply
+
+
+def recipe(*extra):
+    _, model_args, training_args, _ = parse_recipe(["--config", "recipes/docvqa_qlora.yaml", *extra])
+    return model_args, training_args
+
+
+@pytest.mark.parametrize(
+    "config, switch, family",
+    [
+        ("Idefics3Config", "connector_checkpointing", "Idefics3 / SmolVLM"),  # its connector takes one tensor
+        ("SmolVLMConfig", "connector_lean_activations", "Idefics3 / SmolVLM"),
+        ("Qwen2VLConfig", "vision_tower_pages", "Qwen2-VL"),  # its tower takes a grid, positionally
+        ("LlavaConfig", "connector_checkpointing", "LLaVA"),
+        ("PaliGemmaConfig", "vision_tower_pages", "PaliGemma"),
+    ],
+)
+def test_a_switch_that_does_not_apply_to_the_family_is_refused_naming_both(config, switch, family):
+    model_type = getattr(transformers, config)().model_type
+    off = ["--connector_checkpointing", "false", "--connector_lean_activations", "false", "--vision_tower_pages", "0"]
+    model_args, training_args = recipe(*off, "--image_longest_edge", "null")
+    refuse_what_does_not_apply(family_of(model_type), model_args, training_args)  # all off: accepted
+    model_args, training_args = recipe(*off, f"--{switch}", "4" if switch == "vision_tower_pages" else "true")
+    with pytest.raises(UserError, match=rf"{switch} is on in the recipe, but it does not apply to {family} models"):
+        refuse_what_does_not_apply(family_of(model_type), model_args, training_args)
+
+
+def test_qwen2_vl_refuses_the_edge_size_options_it_would_read_as_pixel_counts():
+    off = ["--connector_checkpointing", "false", "--connector_lean_activations", "false", "--vision_tower_pages", "0"]
+    model_args, training_args = recipe(*off, "--image_longest_edge", "980")
+    with pytest.raises(UserError, match="image_longest_edge is set in the recipe, but it does not apply to Qwen2-VL"):
+        refuse_what_does_not_apply(family_of("qwen2_vl"), model_args, training_args)
+
+
+def test_idefics2_takes_every_switch_and_an_unknown_family_none(tiny_model_path):
+    assert family_at(tiny_model_path) is IDEFICS2
+    model_args, training_args = recipe("--image_longest_edge", "980", "--do_image_splitting", "true")
+    refuse_what_does_not_apply(IDEFICS2, model_args, training_args)  # the flagship recipe, every switch on
+    with pytest.raises(UserError, match=r"vision_tower_no_grad is on .*\(not one docvlm knows\)"):
+        refuse_what_does_not_apply(family_of("blip-2"), model_args, training_args)
