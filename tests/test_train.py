@@ -269,7 +269,9 @@ def test_bad_rows_are_skipped_before_training_and_listed_in_the_report(tmp_path,
         ]
     )
     captured = capsys.readouterr()
-    skipped = json.loads((out / "report.json").read_text())["skipped"]
+    report = json.loads((out / "report.json").read_text())
+    skipped = report["skipped"]
+    assert report["count"] == 2  # the 4 held-out questions less the 2 that cannot be scored: never scored as 0
     assert skipped["count"] == 3 and {row["row"] for row in skipped["rows"]} == {3, 5, 7}
     assert "Skipped 3 bad row(s) before training" in captured.out
     assert "Split 'train': skipped 1 of 16 rows" in captured.err and "Split 'test': skipped 2 of 4 rows" in captured.err
