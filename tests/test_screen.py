@@ -144,6 +144,7 @@ def test_pages_in_every_mode_are_kept_and_converted(tmp_path, processor, mode):
 
 def test_numbers_are_answers_converted_to_text(tmp_path, processor):
     assert as_answers(42) == ["42"] and as_answers([3.5, "x", None, True, ""]) == ["3.5", "x"]
+    assert as_answers([1234567.0, 0.1]) == ["1234567", "0.1"]  # whole, never in exponent notation
     rows = []
     for name, answers in (("int", [42, 3]), ("list", [[7, 8], [9]])):  # a column of numbers, of lists of numbers
         folder = tmp_path / name

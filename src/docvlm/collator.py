@@ -43,8 +43,10 @@ def as_answers(value) -> list[str]:
     for item in values:
         if isinstance(item, bool) or item is None:
             continue
-        if isinstance(item, int | float):
-            item = f"{item:g}" if isinstance(item, float) else str(item)
+        if isinstance(item, float):
+            item = str(int(item)) if item.is_integer() else repr(item)  # 42.0 -> '42', never '1.23457e+06'
+        elif isinstance(item, int):
+            item = str(item)
         if isinstance(item, str) and item.strip():
             out.append(item.strip())
     return out
