@@ -109,9 +109,10 @@ def test_resume_from_latest_checkpoint(trained, tmp_path):
     assert sorted(steps) == [1, 2, 3, 4] and steps[1] == 123.0
 
 
-def test_resume_without_checkpoint_is_a_clear_error(tmp_path, capsys):
+def test_resume_without_checkpoint_is_a_clear_error_before_anything_loads(tmp_path, capsys):
     assert main(quick(tmp_path, "--resume_from_checkpoint", "latest", "--max_steps", "1")) == 2
-    assert "holds no checkpoint" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "holds no complete checkpoint" in captured.err and "Split 'train'" not in captured.err  # data not loaded
 
 
 def test_run_folder_and_checkpoints_carry_docvlms_card_with_the_evaluation(trained):

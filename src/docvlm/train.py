@@ -109,6 +109,7 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
     resuming = training_args.resume_from_checkpoint not in (None, "", "false", "False", "none")
     current = {**asdict(data_args), **asdict(model_args), **asdict(training_args)}
     check_output_dir(training_args.output_dir, resuming, training_args.overwrite_output_dir, current)
+    checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)  # before loading
     path = model_path(model_args)
     family = family_at(path, model_args.model_revision, training_args.trust_remote_code)
     refuse_what_does_not_apply(family, model_args, training_args)
@@ -161,7 +162,6 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
         print(training_args.batch_summary())
         save_resolved_recipe(output_dir / "recipe.yaml", data_args, model_args, training_args, eval_args)
 
-    checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     stops = StopRequests()
     trainer.add_callback(stops.callback())
     with stops:
