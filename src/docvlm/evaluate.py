@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from docvlm.collator import END_OF_UTTERANCE, Prompt, pages_of, prompt_text
+from docvlm.collator import END_OF_UTTERANCE, Prompt, as_answers, pages_of, prompt_text
 from docvlm.modeling import autocast_for
 
 ANLS_THRESHOLD = 0.5
@@ -36,8 +36,6 @@ def levenshtein(a: str, b: str) -> int:
 
 def as_list(answers) -> list[str]:
     """Gold answers as text (numbers converted), blanks dropped: what training reads as accepted answers."""
-    from docvlm.collator import as_answers
-
     return as_answers(answers)
 
 
@@ -383,13 +381,12 @@ def load_trained(model_args, training_args, base_path: str, run_dir: Path):
 
 def run_eval(argv: list[str] | None = None) -> dict:
     """`docvlm eval --config recipe.yaml [--adapter DIR]`: before/after report for a trained adapter."""
-    from docvlm.collator import DocVQACollator
     from docvlm.config import UserError, parse_recipe, recipe_argument
-    from docvlm.data import load_splits, role_columns
+    from docvlm.data import load_splits
     from docvlm.hub import check_recipe_sources
     from docvlm.modeling import disable_cudnn_attention, load_processor, model_path
     from docvlm.preflight import warn_long_answers
-    from docvlm.screen import screen, skip_summary
+    from docvlm.screen import screen_split, skip_summary
 
     data_args, model_args, training_args, eval_args = parse_recipe(argv)
     adapter = Path(eval_args.adapter or training_args.output_dir)
@@ -407,14 +404,8 @@ def run_eval(argv: list[str] | None = None) -> dict:
     path = model_path(model_args)
     train_rows, eval_rows = load_splits(data_args)
     processor = load_processor(model_args, str(adapter))
-    checker = DocVQACollator(processor, Prompt.of(data_args), training_args.max_length, "first")
-    eval_rows, skipped = screen(
-        eval_rows,
-        checker,
-        role_columns(data_args),
-        data_args.dataset_test_split,
-        data_args.dataset_name,
-        data_args.on_bad_example,
+    eval_rows, skipped = screen_split(
+        eval_rows, processor, data_args, training_args.max_length, data_args.dataset_test_split
     )
     warn_long_answers(processor.tokenizer, eval_rows, eval_args.eval_max_new_tokens)
     if not training_args.cudnn_attention:

@@ -201,6 +201,17 @@ def screen(rows, collator, columns: dict[str, str], split: str, source: str, pol
     return kept, found
 
 
+def screen_split(rows, processor, data_args, max_length: int | None, split: str):
+    """screen() with the recipe's prompt, columns and policy, as training and `docvlm eval` check a split. Its own
+    collator: "first" draws nothing from the training collator's seeded answer choice."""
+    from docvlm.collator import DocVQACollator, Prompt
+    from docvlm.data import role_columns
+
+    checker = DocVQACollator(processor, Prompt.of(data_args), max_length, "first")
+    columns = role_columns(data_args)
+    return screen(rows, checker, columns, split, data_args.dataset_name, data_args.on_bad_example)
+
+
 def skip_summary(problems: list[dict]) -> dict:
     """What report.json records of the skipped rows: counts per split and field, and the first REPORTED."""
     counts: dict[str, int] = {}

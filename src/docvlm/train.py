@@ -106,10 +106,9 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
     check_one_gpu_per_process()
     check_recipe_sources(model_args, data_args)
     check_push(training_args)
-    resuming = training_args.resume_from_checkpoint not in (None, "", "false", "False", "none")
-    current = {**asdict(data_args), **asdict(model_args), **asdict(training_args)}
-    check_output_dir(training_args.output_dir, resuming, training_args.overwrite_output_dir, current)
     checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)  # before loading
+    current = {**asdict(data_args), **asdict(model_args), **asdict(training_args)}
+    check_output_dir(training_args.output_dir, checkpoint is not None, training_args.overwrite_output_dir, current)
     path = model_path(model_args)
     family = family_at(path, model_args.model_revision, training_args.trust_remote_code)
     refuse_what_does_not_apply(family, model_args, training_args)
@@ -224,19 +223,17 @@ def check_data_against_recipe(processor, train_rows, eval_rows, data_args, train
     """Before the model loads: every row is checked (docvlm.screen) and the bad ones skipped or reported, as
     on_bad_example says; held-out answers too long for eval_max_new_tokens are announced, not discovered in the
     report. Returns the rows to use and the problems found. The optimizer steps are counted from the rows kept."""
-    from docvlm.collator import DocVQACollator, Prompt
-    from docvlm.data import role_columns
     from docvlm.preflight import warn_long_answers
-    from docvlm.screen import screen
+    from docvlm.screen import screen_split
 
-    # its own collator: "first" draws nothing from the training collator's seeded answer choice
-    checker = DocVQACollator(processor, Prompt.of(data_args), training_args.max_length, "first")
-    columns, source, policy = role_columns(data_args), data_args.dataset_name, data_args.on_bad_example
-    train_rows, skipped = screen(train_rows, checker, columns, data_args.dataset_train_split, source, policy)
+    max_length = training_args.max_length
+    train_rows, skipped = screen_split(train_rows, processor, data_args, max_length, data_args.dataset_train_split)
     if len(train_rows) == 0:
-        raise UserError(f"Every training row of {source} was skipped: see the problems above.")
+        raise UserError(f"Every training row of {data_args.dataset_name} was skipped: see the problems above.")
     if eval_rows is not None:
-        eval_rows, eval_skipped = screen(eval_rows, checker, columns, data_args.dataset_test_split, source, policy)
+        eval_rows, eval_skipped = screen_split(
+            eval_rows, processor, data_args, max_length, data_args.dataset_test_split
+        )
         skipped += eval_skipped
     if eval_rows is not None and eval_args.eval_after_training:
         warn_long_answers(processor.tokenizer, eval_rows, eval_args.eval_max_new_tokens)

@@ -59,20 +59,14 @@ QWEN2_VL = Family(
     why_not="its vision tower takes all patches with their grid at once and it has no separate connector; its "
     "processor sizes pages by pixel count (min_pixels / max_pixels), not by edge",
 )
-LLAVA = Family(
-    "LLaVA",
-    ("llava", "llava_next"),
-    switches=frozenset({"vision_tower_no_grad"}),
-    why_not="its vision tower is called positionally (run without grad, but whole) and its projector is not "
+# LLaVA and PaliGemma: a tower called positionally (run without grad, but whole) and a projector, not a connector
+POSITIONAL_TOWER = {
+    "switches": frozenset({"vision_tower_no_grad"}),
+    "why_not": "its vision tower is called positionally (run without grad, but whole) and its projector is not "
     "Idefics2's connector",
-)
-PALIGEMMA = Family(
-    "PaliGemma",
-    ("paligemma",),
-    switches=frozenset({"vision_tower_no_grad"}),
-    why_not="its vision tower is called positionally (run without grad, but whole) and its projector is not "
-    "Idefics2's connector",
-)
+}
+LLAVA = Family("LLaVA", ("llava", "llava_next"), **POSITIONAL_TOWER)
+PALIGEMMA = Family("PaliGemma", ("paligemma",), **POSITIONAL_TOWER)
 FAMILIES = (IDEFICS2, IDEFICS3, QWEN2_VL, LLAVA, PALIGEMMA)
 
 
