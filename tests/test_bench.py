@@ -97,6 +97,7 @@ def test_the_table_compares_with_the_first_setup_and_shows_the_reload_check():
     from docvlm.bench import table
 
     run = {"s_per_step": 1.0, "first_loss": 11.0, "last_loss": 10.5, "peak_reserved_gib": 11.0}
+    run["allocated_at_start_gib"] = 5.25
     results = {
         "docvqa_qlora": {**run, "samples_per_s": 10.0, "processes": 1},
         "deepspeed_zero3x2:docvqa_qlora": {**run, "samples_per_s": 7.0, "processes": 2, "reload_max_logit_diff": 0.0},
@@ -104,7 +105,7 @@ def test_the_table_compares_with_the_first_setup_and_shows_the_reload_check():
     }
     lines = table(results).splitlines()
     assert "vs docvqa_qlora" in lines[0] and lines[0].endswith("reloaded adapter: max logit diff |")
-    assert lines[1].count("|---") == 9
-    assert lines[3].startswith("| deepspeed_zero3x2:docvqa_qlora | 2 | 7.00 | 1.00 | 0.70x |")
+    assert lines[1].count("|---") == 10
+    assert lines[3].startswith("| deepspeed_zero3x2:docvqa_qlora | 2 | 7.00 | 1.00 | 0.70x | 5.25 | - | 11.00 |")
     assert lines[3].endswith("| 0.0000 |") and lines[2].endswith("| - |")
     assert "failed: exit status 1" in lines[4] and lines[4].count("|") == lines[3].count("|")

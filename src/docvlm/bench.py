@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from docvlm import tiny
+from docvlm import bench_memory, tiny
 
 SEED_INSTRUCTION = "Answer briefly."
 SEED_LORA_TARGETS = ".*(text_model|modality_projection|perceiver_resampler).*(down_proj|gate_proj|up_proj|k_proj|q_proj|v_proj|o_proj).*$"  # noqa: E501
@@ -167,11 +167,13 @@ def fixtures(model: str, pages: int) -> tuple[str, str]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def step_timer(warmup: int, profile: bool = False):
+def step_timer(warmup: int, profile: bool = False, memory_profile: bool = False):
     """A TrainerCallback that times optimizer steps after `warmup`, records the loss at every step, and, to explain
     a slow step, what each one spent waiting: for its batch (the Trainer fetches a step's batches before
     `on_step_begin`), in Python's garbage collector, and in CUDA allocator calls (segments created or freed,
-    allocations retried after freeing the cache, pinned host memory allocated)."""
+    allocations retried after freeing the cache, pinned host memory allocated). It also records what is allocated
+    when training starts (the weights and state a mode keeps on each GPU) and, with `memory_profile`, what the
+    first timed step's peak is made of (docvlm.bench_memory)."""
     import torch
     from transformers import TrainerCallback
 
@@ -192,6 +194,7 @@ def step_timer(warmup: int, profile: bool = False):
             self.times, self.losses, self.profiler = [], [], None
             self.data_wait, self.gc_pause, self.allocator = [], [], []
             self.gc_started, self.gc_in_step = None, 0.0
+            self.resident, self.allocated_before, self.memory_sites = None, None, None
 
         def on_gc(self, phase, info):
             if phase == "start":
@@ -204,12 +207,15 @@ def step_timer(warmup: int, profile: bool = False):
             if cuda:
                 torch.cuda.empty_cache()  # what loading left cached is not training memory
                 torch.cuda.reset_peak_memory_stats()
+                self.resident = torch.cuda.memory_allocated()
             gc.callbacks.append(self.on_gc)
             self.counts = allocator_counts()
             self.last = time.perf_counter()
 
         def on_step_begin(self, args, state, control, **kwargs):
             self.data_wait.append(time.perf_counter() - self.last)
+            if memory_profile and cuda and state.global_step == warmup:
+                self.allocated_before = bench_memory.start_recording()
             if profile and state.global_step == warmup and self.profiler is None:
                 self.profiler = torch.profiler.profile(
                     activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
@@ -227,6 +233,13 @@ def step_timer(warmup: int, profile: bool = False):
             counts = allocator_counts()
             self.allocator.append({key: counts[key] - self.counts.get(key, 0) for key in counts})
             self.counts = counts
+            if self.allocated_before is not None and self.memory_sites is None:
+                peak, live = bench_memory.live_at_peak(
+                    bench_memory.stop_recording(), self.allocated_before, torch.cuda.current_device()
+                )
+                self.memory_sites = {"peak_gib": peak / 2**30, "sites": bench_memory.top_sites(live)}
+                rank = os.environ.get("RANK", "0")
+                print(f"[rank {rank}] " + bench_memory.format_sites(peak / 2**30, self.memory_sites["sites"]))
             if self.profiler is not None and state.global_step == warmup + 2:
                 self.profiler.__exit__(None, None, None)
                 sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
@@ -262,9 +275,12 @@ def summarize(timer, warmup: int, samples_per_step: int) -> dict:
         "last_loss": timer.losses[-1] if timer.losses else None,
         "losses": timer.losses,
     }
+    if timer.memory_sites:
+        result["memory_at_peak"] = timer.memory_sites
     if torch.cuda.is_available():
         result.update(
             gpu=torch.cuda.get_device_name(),
+            allocated_at_start_gib=timer.resident / 2**30,
             peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30,
             peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30,
         )
@@ -319,7 +335,15 @@ class MaskedSeedCollator:
         return self.collator(rows)
 
 
-def run_baseline(model_dir: str, data_dir: str, steps: int, warmup: int, profile: bool, masked: bool = False) -> dict:
+def run_baseline(
+    model_dir: str,
+    data_dir: str,
+    steps: int,
+    warmup: int,
+    profile: bool,
+    masked: bool = False,
+    memory_profile: bool = False,
+) -> dict:
     """The seed notebook's setup, changed only so that it starts on current transformers: the fp16 adapter it
     creates is refused by the fp16 GradScaler, so trainable parameters are upcast to fp32 (facts.md).
     `masked`: with our answer-only labels instead of its collator."""
@@ -377,7 +401,7 @@ def run_baseline(model_dir: str, data_dir: str, steps: int, warmup: int, profile
         report_to="none",
         seed=42,
     )
-    timer = step_timer(warmup, profile)
+    timer = step_timer(warmup, profile, memory_profile)
     train = load_dataset(data_dir, split="train")
     trainer = Trainer(
         model=model,
@@ -393,7 +417,14 @@ def run_baseline(model_dir: str, data_dir: str, steps: int, warmup: int, profile
 
 
 def run_recipe(
-    recipe: str, model_dir: str, data_dir: str, steps: int, warmup: int, profile: bool, check_reload: bool = False
+    recipe: str,
+    model_dir: str,
+    data_dir: str,
+    steps: int,
+    warmup: int,
+    profile: bool,
+    check_reload: bool = False,
+    memory_profile: bool = False,
 ) -> dict:
     """A shipped recipe through `docvlm.train`, exactly as users run it, on the benchmark model and pages;
     `check_reload`: also compare the trained model's logits with its saved adapter's, reloaded whole."""
@@ -421,7 +452,7 @@ def run_recipe(
         "1",
         *overrides,
     ]
-    timer = step_timer(warmup, profile)
+    timer = step_timer(warmup, profile, memory_profile)
     trainer, _ = train.run(argv, callbacks=[timer])
     args = trainer.args
     samples = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
@@ -478,20 +509,21 @@ def table(results: dict[str, dict]) -> str:
     reference = "baseline" if "baseline" in results else next(iter(results), "")
     base = results.get(reference, {}).get("samples_per_s")
     reload = any("reload_max_logit_diff" in r for r in results.values())
-    header = f"| setup | processes | samples/s | s/step | vs {reference} | peak allocated GiB / GPU "
-    header += "| peak reserved GiB / GPU | loss first → last |"
+    header = f"| setup | processes | samples/s | s/step | vs {reference} | allocated at start GiB / GPU "
+    header += "| peak allocated GiB / GPU | peak reserved GiB / GPU | loss first → last |"
     header += " reloaded adapter: max logit diff |" if reload else ""
-    lines = [header, "|---" * (9 if reload else 8) + "|"]
+    lines = [header, "|---" * (10 if reload else 9) + "|"]
     for name, r in results.items():
         if "error" in r:
-            lines.append(f"| {name} | | failed: {r['error']} | | | | | |" + (" |" if reload else ""))
+            lines.append(f"| {name} | | failed: {r['error']} | | | | | | |" + (" |" if reload else ""))
             continue
+        start = f"{r['allocated_at_start_gib']:.2f}" if r.get("allocated_at_start_gib") is not None else "-"
         ratio = f"{r['samples_per_s'] / base:.2f}x" if base else "-"
         alloc = f"{r['peak_allocated_gib']:.2f}" if "peak_allocated_gib" in r else "-"
         reserved = f"{r['peak_reserved_gib']:.2f}" if "peak_reserved_gib" in r else "-"
         loss = f"{r['first_loss']:.3f} → {r['last_loss']:.3f}" if r["first_loss"] is not None else "-"
         row = f"| {name} | {r.get('processes', 1)} | {r['samples_per_s']:.2f} | {r['s_per_step']:.2f} | {ratio} | "
-        row += f"{alloc} | {reserved} | {loss} |"
+        row += f"{start} | {alloc} | {reserved} | {loss} |"
         if reload:
             diff = r.get("reload_max_logit_diff")
             row += f" {diff:.4f} |" if diff is not None else " - |"
@@ -518,17 +550,19 @@ def child(args) -> None:
     model_dir, data_dir = fixtures(args.model, args.pages)
     if args.child in ("baseline", "baseline-masked"):
         masked = args.child == "baseline-masked"
-        result = run_baseline(model_dir, data_dir, args.steps, args.warmup, args.profile, masked)
+        result = run_baseline(model_dir, data_dir, args.steps, args.warmup, args.profile, masked, args.memory_profile)
     else:
         from docvlm.distributed import WEIGHT_SHARDING, launch_mode
 
         check = args.check_reload and launch_mode() in WEIGHT_SHARDING
-        result = run_recipe(args.child, model_dir, data_dir, args.steps, args.warmup, args.profile, check)
+        result = run_recipe(
+            args.child, model_dir, data_dir, args.steps, args.warmup, args.profile, check, args.memory_profile
+        )
     state = PartialState()
     if state.num_processes > 1:  # memory is per GPU: report the largest; the other figures are the main process's
         from accelerate.utils import gather_object
 
-        for key in ("peak_allocated_gib", "peak_reserved_gib"):
+        for key in ("peak_allocated_gib", "peak_reserved_gib", "allocated_at_start_gib"):
             if key in result:
                 result[key] = max(gather_object([result[key]]))
     if state.is_main_process:
@@ -580,6 +614,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="outputs/bench", help="folder for bench.json and bench.md")
     parser.add_argument("--profile", action="store_true", help="print a profiler table for two timed steps")
     parser.add_argument(
+        "--memory-profile",
+        action="store_true",
+        help="record the first timed step's allocations and print, per process, what was allocated at its peak "
+        "by the code that allocated it (also in bench.json)",
+    )
+    parser.add_argument(
         "--check-reload",
         action="store_true",
         help="for ZeRO-3 and FSDP setups: reload the saved adapter whole on one GPU and report the largest logit "
@@ -625,6 +665,7 @@ def main(argv: list[str] | None = None) -> int:
             "--pages",
             str(args.pages),
             *(["--profile"] if args.profile else []),
+            *(["--memory-profile"] if args.memory_profile else []),
             *(["--check-reload"] if args.check_reload else []),
         ]
         print(f"\n=== {setup} ===", flush=True)

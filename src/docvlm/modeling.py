@@ -415,12 +415,15 @@ def checkpoint_connector(model, pages_per_chunk: int = 1) -> bool:
 def check_lora_targets(args: ModelArguments, path: str, trust_remote_code: bool = False) -> None:
     """Refuse, before any weight loads, LoRA targets that match no linear layer: peft finds out only after the
     (4-bit) model has loaded, and names target_modules even when the recipe set lora_target_regex. The module
-    names come from the model built on the meta device from its config (no weights, a few seconds)."""
+    names come from the model built on the meta device from its config (no weights, a few seconds), outside
+    ZeRO-3's partitioning, which cannot place meta tensors."""
     import re
 
     import torch
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from docvlm.distributed import whole_model_loading
 
     if not args.use_peft:
         return
@@ -428,7 +431,7 @@ def check_lora_targets(args: ModelArguments, path: str, trust_remote_code: bool 
     if targets is None or targets == "all-linear" or targets == ["all-linear"]:
         return
     config = AutoConfig.from_pretrained(path, revision=args.model_revision, trust_remote_code=trust_remote_code)
-    with init_empty_weights():
+    with whole_model_loading(), init_empty_weights():
         skeleton = AutoModelForImageTextToText.from_config(config, trust_remote_code=trust_remote_code)
     linear = [name for name, module in skeleton.named_modules() if isinstance(module, torch.nn.Linear)]
     key = "lora_target_regex" if args.lora_target_regex else "lora_target_modules"
