@@ -50,7 +50,7 @@ def test_labels_are_exactly_the_answer_tokens_and_end_of_utterance(collator, bat
     for i, row in enumerate(batch_rows):
         labels = batch["labels"][i]
         kept = labels[labels != IGNORE_INDEX].tolist()
-        assert kept[-1] == collator.end_of_utterance_id
+        assert kept[-1] == collator.end_of_turn_id
         assert tokenizer.decode(kept[:-1]).strip() == row["answers"][0].strip()
         # every label is the input token at its position, never padding
         positions = (labels != IGNORE_INDEX).nonzero().flatten()

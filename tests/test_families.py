@@ -6,7 +6,16 @@ import transformers
 
 from docvlm.config import parse_recipe
 from docvlm.errors import UserError
-from docvlm.families import IDEFICS2, family_at, family_of, refuse_what_does_not_apply
+from docvlm.families import (
+    FAMILIES,
+    IDEFICS2,
+    LLAVA,
+    QWEN2_VL,
+    family_at,
+    family_of,
+    family_of_processor,
+    refuse_what_does_not_apply,
+)
 
 
 def recipe(*extra):
@@ -47,3 +56,21 @@ def test_idefics2_takes_every_switch_and_an_unknown_family_none(tiny_model_path)
     refuse_what_does_not_apply(IDEFICS2, model_args, training_args)  # the flagship recipe, every switch on
     with pytest.raises(UserError, match=r"vision_tower_no_grad is on .*\(not one docvlm knows\)"):
         refuse_what_does_not_apply(family_of("blip-2"), model_args, training_args)
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_each_family_names_processor_classes_that_exist_and_is_found_from_them(family):
+    for name in family.processor_classes:
+        assert hasattr(transformers, name), f"transformers has no {name}"
+        assert family_of_processor(type(name, (), {})()) is family
+
+
+def test_the_end_of_turn_comes_from_the_family_and_a_tokenizer_without_it_is_refused(processor):
+    tokenizer = processor.tokenizer
+    assert family_of_processor(processor) is IDEFICS2
+    assert IDEFICS2.end_of_turn_id(tokenizer) == 32002 and IDEFICS2.stop_ids(tokenizer) == [32002, 2]
+    assert LLAVA.end_of_turn_id(tokenizer) == tokenizer.eos_token_id  # LLaVA closes an answer with </s>
+    with pytest.raises(UserError, match=r"no <\|im_end\|> token, which closes an answer in Qwen2-VL models"):
+        QWEN2_VL.end_of_turn_id(tokenizer)
+    unknown = family_of_processor(object())
+    assert "not one docvlm knows" in unknown.name and unknown.stop_ids(tokenizer) == [2]

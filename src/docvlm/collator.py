@@ -3,7 +3,8 @@
 Written by hand because TRL's vision collator either trains on every token (messages rows: prompt, padding and
 image tokens included) or drops BOS in training while generation adds it (prompt/completion rows), and
 `assistant_only_loss` is refused for VLMs. Here labels are -100 everywhere except each trained assistant turn and
-its closing `<end_of_utterance>`, and prompts are built by the same function that inference uses.
+the token that closes it (the model family's end of turn, `docvlm.families`), and prompts are built by the same
+function that inference uses.
 
 A row is one question about one or more pages (`question`, `answers`, `image`: a page or a list of pages), or a
 conversation (`messages`: JSON of the TRL/HF chat `messages` format, with `{"type": "image"}` parts): every
@@ -17,8 +18,8 @@ import random
 from dataclasses import dataclass
 
 from docvlm.config import UserError
+from docvlm.families import family_of_processor
 
-END_OF_UTTERANCE = "<end_of_utterance>"
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
 
@@ -192,9 +193,8 @@ class DocVQACollator:
         self.max_length = max_length
         self.answer_choice = answer_choice
         self.rng = random.Random(seed)
-        self.end_of_utterance_id = self.tokenizer.convert_tokens_to_ids(END_OF_UTTERANCE)
-        if self.end_of_utterance_id == self.tokenizer.unk_token_id:
-            raise UserError(f"The tokenizer has no {END_OF_UTTERANCE} token; is this an Idefics2 processor?")
+        self.family = family_of_processor(processor)
+        self.end_of_turn_id = self.family.end_of_turn_id(self.tokenizer)
         # the placeholder the chat template writes per image, and the special tokens the processor may expand it to
         self.image_token_ids = {self.tokenizer.convert_tokens_to_ids(str(getattr(processor, "image_token", "<image>")))}
         self.special_ids = set(self.tokenizer.all_special_ids) | {
@@ -249,7 +249,7 @@ class DocVQACollator:
         return conversations, images
 
     def _answer_labels(self, batch, conversations, texts, rows):
-        """Keep labels on every assistant turn and its <end_of_utterance>; mask everything else.
+        """Keep labels on every assistant turn and the token that closes it; mask everything else.
 
         Each turn's tokens are found in the *unexpanded* text (the chat template before the processor turns each
         image placeholder into many image tokens): the tokens of the prompt up to that turn are a prefix of the
@@ -288,7 +288,7 @@ class DocVQACollator:
 
     def _assistant_spans(self, turns, plain, where):
         """(start, end) token ranges of each assistant turn in the unexpanded tokens, through its end token; the
-        "\\n" the template puts after <end_of_utterance> is not the answer."""
+        "\\n" a template puts after that token is not the answer."""
         for k, turn in enumerate(turns):
             if turn["role"] != "assistant":
                 continue
@@ -298,9 +298,12 @@ class DocVQACollator:
             if through[: len(before)] != before or plain[: len(before)] != before:
                 raise UserError(f"{where}: an answer changes how the prompt is tokenized; cannot mask it.")
             answer = through[len(before) :]
-            if self.end_of_utterance_id not in answer:
-                raise RuntimeError(f"{where}: the chat template closed no assistant turn with {END_OF_UTTERANCE}.")
-            end = len(before) + len(answer) - answer[::-1].index(self.end_of_utterance_id)
+            if self.end_of_turn_id not in answer:
+                raise RuntimeError(
+                    f"{where}: the chat template closed no assistant turn with {self.family.name}'s end of turn "
+                    f"({self.tokenizer.convert_ids_to_tokens(self.end_of_turn_id)})."
+                )
+            end = len(before) + len(answer) - answer[::-1].index(self.end_of_turn_id)
             if plain[len(before) : end] != through[len(before) : end]:
                 raise UserError(f"{where}: a later turn changes how an answer is tokenized; cannot mask it.")
             yield len(before), end

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from docvlm.collator import END_OF_UTTERANCE, Prompt, as_answers, pages_of, prompt_text
+from docvlm.collator import Prompt, as_answers, pages_of, prompt_text
+from docvlm.families import family_of_processor
 from docvlm.modeling import autocast_for
 
 ANLS_THRESHOLD = 0.5
@@ -65,14 +66,14 @@ def generate(
     desc: str = "generating",
 ) -> list[dict]:
     """Greedy answers to rows (dicts with `image` and `question`, or `messages`: answered after its last user turn),
-    batched with left padding; generation stops at <end_of_utterance> (or </s>).
+    batched with left padding; generation stops where the model's family closes a turn, or at the end of sequence.
 
     Returns one dict per row: the answer text and whether the model stopped by itself.
     """
     from tqdm.auto import tqdm
 
     tokenizer = processor.tokenizer
-    stop_ids = [tokenizer.convert_tokens_to_ids(END_OF_UTTERANCE), tokenizer.eos_token_id]
+    stop_ids = family_of_processor(processor).stop_ids(tokenizer)
     device = next(p for p in model.parameters()).device
     was_training = model.training
     model.eval()

@@ -1,8 +1,10 @@
-"""Model families: what docvlm knows about each VLM family, selected from the model config's `model_type`.
+"""Model families: what docvlm knows about each VLM family, selected from the model config's `model_type` (or,
+where only a processor is at hand, from the processor's class).
 
-A family lists the recipe switches and processor options that apply to it. A recipe that turns on one that does
-not apply stops at start-up, naming the switch and the family, instead of the switch silently doing nothing or
-failing at the first step.
+A family names the token that closes an assistant turn (trained as the answer's last label, and where generation
+stops), and lists the recipe switches and processor options that apply to it. A recipe that turns on one that
+does not apply stops at start-up, naming the switch and the family, instead of the switch silently doing nothing
+or failing at the first step.
 """
 
 from __future__ import annotations
@@ -33,6 +35,28 @@ class Family:
     switches: frozenset[str] = field(default_factory=frozenset)
     processor_options: frozenset[str] = field(default_factory=frozenset)
     why_not: str = ""  # said when a switch or option is refused
+    processor_classes: tuple[str, ...] = ()
+    # The token that closes an assistant turn in the family's chat template; None: the tokenizer's end of sequence.
+    end_of_turn: str | None = None
+
+    def end_of_turn_id(self, tokenizer) -> int:
+        """The id that closes an assistant turn, checked against the tokenizer."""
+        if self.end_of_turn is None:
+            if tokenizer.eos_token_id is None:
+                raise UserError(f"The tokenizer has no end-of-sequence token, which closes a {self.name} answer.")
+            return tokenizer.eos_token_id
+        token_id = tokenizer.convert_tokens_to_ids(self.end_of_turn)
+        if token_id is None or token_id == tokenizer.unk_token_id:
+            raise UserError(
+                f"The tokenizer has no {self.end_of_turn} token, which closes an answer in {self.name} models: "
+                "is the processor the model's own?"
+            )
+        return token_id
+
+    def stop_ids(self, tokenizer) -> list[int]:
+        """Where generation stops: the end of a turn, and the end of the sequence."""
+        ids = [self.end_of_turn_id(tokenizer), tokenizer.eos_token_id]
+        return list(dict.fromkeys(i for i in ids if i is not None))
 
 
 IDEFICS2 = Family(
@@ -40,6 +64,8 @@ IDEFICS2 = Family(
     ("idefics2",),
     switches=frozenset(MODULE_SWITCHES),
     processor_options=frozenset(PROCESSOR_OPTIONS),
+    processor_classes=("Idefics2Processor",),
+    end_of_turn="<end_of_utterance>",
 )
 IDEFICS3 = Family(
     "Idefics3 / SmolVLM",
@@ -50,6 +76,8 @@ IDEFICS3 = Family(
     processor_options=frozenset({"do_image_splitting"}),
     why_not="its connector is a pixel shuffle and one projection, not Idefics2's perceiver resampler, and its "
     "processor sizes pages in its own way",
+    processor_classes=("Idefics3Processor", "SmolVLMProcessor"),
+    end_of_turn="<end_of_utterance>",
 )
 QWEN2_VL = Family(
     "Qwen2-VL",
@@ -58,6 +86,8 @@ QWEN2_VL = Family(
     switches=frozenset({"vision_tower_no_grad"}),
     why_not="its vision tower takes all patches with their grid at once and it has no separate connector; its "
     "processor sizes pages by pixel count (min_pixels / max_pixels), not by edge",
+    processor_classes=("Qwen2VLProcessor", "Qwen2_5_VLProcessor"),
+    end_of_turn="<|im_end|>",
 )
 # LLaVA and PaliGemma: a tower called positionally (run without grad, but whole) and a projector, not a connector
 POSITIONAL_TOWER = {
@@ -65,8 +95,10 @@ POSITIONAL_TOWER = {
     "why_not": "its vision tower is called positionally (run without grad, but whole) and its projector is not "
     "Idefics2's connector",
 }
-LLAVA = Family("LLaVA", ("llava", "llava_next"), **POSITIONAL_TOWER)
-PALIGEMMA = Family("PaliGemma", ("paligemma",), **POSITIONAL_TOWER)
+LLAVA = Family(
+    "LLaVA", ("llava", "llava_next"), processor_classes=("LlavaProcessor", "LlavaNextProcessor"), **POSITIONAL_TOWER
+)
+PALIGEMMA = Family("PaliGemma", ("paligemma",), processor_classes=("PaliGemmaProcessor",), **POSITIONAL_TOWER)
 FAMILIES = (IDEFICS2, IDEFICS3, QWEN2_VL, LLAVA, PALIGEMMA)
 
 
@@ -80,6 +112,15 @@ def family_of(model_type: str) -> Family:
         (model_type,),
         why_not="docvlm has no family module for it: only switches that do not reach into the model apply",
     )
+
+
+def family_of_processor(processor) -> Family:
+    """The family a processor belongs to, by its class; an unknown one closes answers with its end of sequence."""
+    name = type(processor).__name__
+    for family in FAMILIES:
+        if name in family.processor_classes:
+            return family
+    return family_of(name)
 
 
 def family_at(path: str, revision: str | None = None, trust_remote_code: bool = False) -> Family:
