@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 TINY_MODEL = "docvlm:tiny-idefics2"
+TINY_IDEFICS3 = "docvlm:tiny-idefics3"
 TINY_DATASET = "docvlm:tiny-docs"
 TINY_RECEIPTS = "docvlm:tiny-receipts"
 TINY_CHARTS = "docvlm:tiny-charts"
@@ -91,6 +92,7 @@ def resolve(name_or_path: str | None) -> str | None:
         return name_or_path
     builders = {
         TINY_MODEL: build_tiny_model,
+        TINY_IDEFICS3: build_tiny_idefics3,
         TINY_DATASET: build_tiny_dataset,
         TINY_RECEIPTS: build_tiny_receipts,
         TINY_CHARTS: build_tiny_charts,
@@ -217,6 +219,57 @@ def build_tiny_model(out_dir: Path, seed: int = 0) -> None:
     model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=[2, 32002], pad_token_id=0)
     model.save_pretrained(out_dir, safe_serialization=True)
     build_processor().save_pretrained(out_dir)
+
+
+# Idefics3's chat template (HuggingFaceM4/Idefics3-8B-Llama3), less the Llama-3 BOS it writes as text: the tiny
+# fixture's Mistral tokenizer adds its own <s>. SmolVLM's differs only in that first token (<|im_start|>).
+IDEFICS3_CHAT_TEMPLATE = IDEFICS2_CHAT_TEMPLATE
+# The special tokens Idefics3's processor looks up: the image markers, the end of a turn, the whole-page tag and
+# the tags of the crops it makes when it splits a page (6 x 6 at most).
+IDEFICS3_SPECIAL_TOKENS = [
+    *IDEFICS2_SPECIAL_TOKENS,
+    "<global-img>",
+    *(f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)),
+]
+TINY_IDEFICS3_EDGE = 112  # one 112 px page is 8 x 8 patches of 14, pixel-shuffled by 2: 16 image tokens
+
+
+def build_tiny_idefics3(out_dir: Path, seed: int = 0) -> None:
+    """Save a randomly initialised tiny Idefics3 (Idefics3's real config, processor and chat template; the Mistral
+    tokenizer with Idefics3's special tokens) and its processor, like a Hub snapshot."""
+    import torch
+    from transformers import GenerationConfig, Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+    from transformers.utils import is_torchvision_available
+
+    if is_torchvision_available():
+        from transformers import Idefics3ImageProcessor
+    else:
+        from transformers import Idefics3ImageProcessorPil as Idefics3ImageProcessor
+
+    tokenizer = build_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": IDEFICS3_SPECIAL_TOKENS})
+    text = {k: v for k, v in TINY_CONFIG["text"].items() if k != "sliding_window"}
+    config = Idefics3Config(
+        text_config={"model_type": "llama", **text, "vocab_size": len(tokenizer)},
+        vision_config={**TINY_CONFIG["vision"], "image_size": TINY_IDEFICS3_EDGE},
+        scale_factor=2,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Idefics3ForConditionalGeneration(config)
+    end = tokenizer.convert_tokens_to_ids("<end_of_utterance>")
+    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=[2, end], pad_token_id=0)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    image_processor = Idefics3ImageProcessor(
+        do_image_splitting=False,
+        size={"longest_edge": TINY_IDEFICS3_EDGE},
+        max_image_size={"longest_edge": TINY_IDEFICS3_EDGE},
+    )
+    processor = Idefics3Processor(
+        image_processor=image_processor, tokenizer=tokenizer, image_seq_len=16, chat_template=IDEFICS3_CHAT_TEMPLATE
+    )
+    processor.save_pretrained(out_dir)
 
 
 # --------------------------------------------------------------------------------------------------------------
