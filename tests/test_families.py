@@ -74,3 +74,14 @@ def test_the_end_of_turn_comes_from_the_family_and_a_tokenizer_without_it_is_ref
         QWEN2_VL.end_of_turn_id(tokenizer)
     unknown = family_of_processor(object())
     assert "not one docvlm knows" in unknown.name and unknown.stop_ids(tokenizer) == [2]
+
+
+def test_llava_answers_are_closed_by_the_end_of_sequence_its_template_does_not_write(processor):
+    turns = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "42"}, {"type": "text", "text": "units"}]},
+    ]
+    closed = LLAVA.training_turns(turns, processor.tokenizer)
+    assert closed[1]["content"] == [{"type": "text", "text": "42"}, {"type": "text", "text": "units</s>"}]
+    assert closed[0] == turns[0] and turns[1]["content"][1]["text"] == "units"  # the row itself is left alone
+    assert IDEFICS2.training_turns(turns, processor.tokenizer) is turns  # its template closes turns itself

@@ -256,7 +256,7 @@ def push(argv: list[str]) -> int:
 def fixtures(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="docvlm fixtures",
-        description="Build the offline tiny models (Idefics2, Idefics3) and synthetic documents (once; they are "
+        description="Build the offline tiny models (Idefics2, Idefics3, LLaVA) and synthetic documents (once; they are "
         "cached) and print where they are.",
     )
     parser.add_argument(
@@ -279,7 +279,7 @@ def fixtures(argv: list[str]) -> int:
 
     if args.metadata_csv and not args.export_pages:
         parser.error("--metadata-csv goes with --export-pages DIR")
-    for name in (tiny.TINY_MODEL, tiny.TINY_IDEFICS3, tiny.TINY_DATASET, tiny.TINY_RECEIPTS, tiny.TINY_CHARTS):
+    for name in tiny.FIXTURES:
         print(f"{name}: {tiny.resolve(name)}")
     if args.export_pages:
         questions = tiny.export_pages(Path(args.export_pages), args.count, args.metadata_csv)

@@ -237,7 +237,7 @@ class DocVQACollator:
         for row in rows:
             where = f"Row {row.get('row', '?')}"
             pages = pages_of(row, where)
-            turns = self.conversation(row, where, len(pages))
+            turns = self.family.training_turns(self.conversation(row, where, len(pages)), self.tokenizer)
             placeholders = sum(p["type"] == "image" for turn in turns for p in turn["content"])
             if placeholders != len(pages):
                 raise UserError(

@@ -19,10 +19,12 @@ from pathlib import Path
 
 TINY_MODEL = "docvlm:tiny-idefics2"
 TINY_IDEFICS3 = "docvlm:tiny-idefics3"
+TINY_LLAVA = "docvlm:tiny-llava"
 TINY_DATASET = "docvlm:tiny-docs"
 TINY_RECEIPTS = "docvlm:tiny-receipts"
 TINY_CHARTS = "docvlm:tiny-charts"
 PREFIX = "docvlm:"
+FIXTURES = (TINY_MODEL, TINY_IDEFICS3, TINY_LLAVA, TINY_DATASET, TINY_RECEIPTS, TINY_CHARTS)
 
 # Bump when the fixture's recipe changes, so stale caches are rebuilt rather than reused.
 FIXTURE_VERSION = "12"
@@ -93,6 +95,7 @@ def resolve(name_or_path: str | None) -> str | None:
     builders = {
         TINY_MODEL: build_tiny_model,
         TINY_IDEFICS3: build_tiny_idefics3,
+        TINY_LLAVA: build_tiny_llava,
         TINY_DATASET: build_tiny_dataset,
         TINY_RECEIPTS: build_tiny_receipts,
         TINY_CHARTS: build_tiny_charts,
@@ -268,6 +271,68 @@ def build_tiny_idefics3(out_dir: Path, seed: int = 0) -> None:
     )
     processor = Idefics3Processor(
         image_processor=image_processor, tokenizer=tokenizer, image_seq_len=16, chat_template=IDEFICS3_CHAT_TEMPLATE
+    )
+    processor.save_pretrained(out_dir)
+
+
+# LLaVA-1.5's chat template (llava-hf/llava-1.5-7b-hf): "USER: <image>\n<text> ASSISTANT: <answer> ", with no end
+# token after the answer (docvlm.families appends </s> in training).
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
+    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+TINY_LLAVA_EDGE = 112  # a page is resized and center-cropped to 112 x 112, as LLaVA-1.5's to 336: 64 image tokens
+
+
+def build_tiny_llava(out_dir: Path, seed: int = 0) -> None:
+    """Save a randomly initialised tiny LLaVA-1.5 (a CLIP tower, a two-layer projector and a Llama decoder, with
+    LLaVA's processor and chat template; the Mistral tokenizer with its <image> token) and its processor."""
+    import torch
+    from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.utils import is_torchvision_available
+
+    if is_torchvision_available():
+        from transformers import CLIPImageProcessor
+    else:
+        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+
+    tokenizer = build_tokenizer()
+    text = {k: v for k, v in TINY_CONFIG["text"].items() if k != "sliding_window"}
+    vision = {k: TINY_CONFIG["vision"][k] for k in ("num_hidden_layers", "num_attention_heads", "patch_size")}
+    config = LlavaConfig(
+        text_config={"model_type": "llama", **text},
+        vision_config={
+            "model_type": "clip_vision_model",
+            **vision,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "projection_dim": 64,
+            "image_size": TINY_LLAVA_EDGE,
+        },
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": TINY_LLAVA_EDGE}, crop_size={"height": TINY_LLAVA_EDGE, "width": TINY_LLAVA_EDGE}
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=TINY_CONFIG["vision"]["patch_size"],
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's class token, which the "default" strategy drops
+        chat_template=LLAVA_CHAT_TEMPLATE,
     )
     processor.save_pretrained(out_dir)
 

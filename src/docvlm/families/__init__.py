@@ -38,6 +38,9 @@ class Family:
     processor_classes: tuple[str, ...] = ()
     # The token that closes an assistant turn in the family's chat template; None: the tokenizer's end of sequence.
     end_of_turn: str | None = None
+    # Whether the chat template writes that token after an answer. LLaVA-1.5's writes "ASSISTANT: <answer> " and
+    # leaves </s> to the training code, so docvlm appends it to every answer it trains on.
+    template_ends_turns: bool = True
 
     def end_of_turn_id(self, tokenizer) -> int:
         """The id that closes an assistant turn, checked against the tokenizer."""
@@ -52,6 +55,22 @@ class Family:
                 "is the processor the model's own?"
             )
         return token_id
+
+    def training_turns(self, turns: list[dict], tokenizer) -> list[dict]:
+        """The turns as training renders them: each answer closed by the end-of-turn token where the family's
+        template does not write it (a model never taught to say it would never stop)."""
+        if self.template_ends_turns:
+            return turns
+        end = tokenizer.convert_ids_to_tokens(self.end_of_turn_id(tokenizer))
+        closed = []
+        for turn in turns:
+            if turn["role"] == "assistant":
+                parts = list(turn["content"])
+                last = max(i for i, part in enumerate(parts) if part["type"] == "text")
+                parts[last] = {"type": "text", "text": parts[last]["text"] + end}
+                turn = {**turn, "content": parts}
+            closed.append(turn)
+        return closed
 
     def stop_ids(self, tokenizer) -> list[int]:
         """Where generation stops: the end of a turn, and the end of the sequence."""
@@ -96,7 +115,11 @@ POSITIONAL_TOWER = {
     "Idefics2's connector",
 }
 LLAVA = Family(
-    "LLaVA", ("llava", "llava_next"), processor_classes=("LlavaProcessor", "LlavaNextProcessor"), **POSITIONAL_TOWER
+    "LLaVA",
+    ("llava", "llava_next"),
+    processor_classes=("LlavaProcessor", "LlavaNextProcessor"),
+    template_ends_turns=False,
+    **POSITIONAL_TOWER,
 )
 PALIGEMMA = Family("PaliGemma", ("paligemma",), processor_classes=("PaliGemmaProcessor",), **POSITIONAL_TOWER)
 FAMILIES = (IDEFICS2, IDEFICS3, QWEN2_VL, LLAVA, PALIGEMMA)
