@@ -18,3 +18,39 @@ def quick(output_dir, *extra):
         "1",
         *extra,
     ]
+
+
+def peft_tiny_model_and_batch(size=4):
+    import torch
+    from peft import get_peft_model
+
+    from docvlm.collator import DocVQACollator
+    from docvlm.config import parse_recipe
+    from docvlm.data import load_splits
+    from docvlm.modeling import keep_trainable_fp32, load_model, load_processor, lora_config, model_path
+
+    data_args, model_args, _, _ = parse_recipe(["--config", "recipes/tiny_docvqa.yaml"])
+    path = model_path(model_args)
+    model = get_peft_model(load_model(model_args, torch.float32, path), lora_config(model_args))
+    keep_trainable_fp32(model)
+    train_rows, _ = load_splits(data_args, need_eval=False)
+    collator = DocVQACollator(load_processor(model_args, path), data_args.instruction, 256, "first")
+    model.train()
+    return model, collator([train_rows[i] for i in range(size)])
+
+
+def loss_and_grads(model, batch):
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same(first, second):
+    import torch
+
+    (loss_a, grads_a), (loss_b, grads_b) = first, second
+    torch.testing.assert_close(loss_b, loss_a)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -85,3 +85,20 @@ def test_llava_answers_are_closed_by_the_end_of_sequence_its_template_does_not_w
     assert closed[1]["content"] == [{"type": "text", "text": "42"}, {"type": "text", "text": "units</s>"}]
     assert closed[0] == turns[0] and turns[1]["content"][1]["text"] == "units"  # the row itself is left alone
     assert IDEFICS2.training_turns(turns, processor.tokenizer) is turns  # its template closes turns itself
+
+
+def test_family_names_stay_in_the_family_modules_the_fixtures_and_the_benchmark():
+    """Family-specific code lives in docvlm.families; the tiny fixtures and the 8B benchmark builder build family
+    models, and nothing else in the package names a family."""
+    from pathlib import Path
+
+    package = Path("src/docvlm")
+    allowed = {package / "tiny.py", package / "bench.py"}
+    named = [
+        f"{path}:{n}"
+        for path in sorted(package.rglob("*.py"))
+        if path not in allowed and "families" not in path.parts
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if "idefics" in line.lower()
+    ]
+    assert named == []

@@ -111,3 +111,24 @@ def test_merge_on_cuda_answers_as_the_adapter(gpu_run, tmp_path):
     # a wrong merge changes nearly every answer; half-precision rounding of W + BA may flip a near-tie or two of
     # this barely trained model
     assert same >= 6
+
+
+@pytest.mark.parametrize("recipe, fixture", [("smolvlm_docvqa_qlora", "idefics3"), ("llava_docvqa_qlora", "llava")])
+def test_each_familys_tiny_model_trains_in_4bit_on_cuda(recipe, fixture, tmp_path):
+    """Every family besides Idefics2 trains with its shipped recipe, in 4-bit on the GPU, with the recipe's
+    switches as they are (gradient checkpointing, the frozen tower without grad, expandable segments)."""
+    import bitsandbytes as bnb
+
+    from docvlm.train import run
+
+    argv = ["--config", f"recipes/{recipe}.yaml", "--model_name_or_path", f"docvlm:tiny-{fixture}"]
+    argv += ["--dataset_name", "docvlm:tiny-docs", "--max_train_samples", "16", "--max_eval_samples", "4"]
+    argv += ["--max_steps", "3", "--gradient_accumulation_steps", "1", "--logging_steps", "1", "--save_strategy"]
+    argv += ["no", "--eval_compare_base", "false", "--dataloader_num_workers", "0"]
+    argv += ["--dataloader_persistent_workers", "false", "--report_to", "none", "--output_dir", str(tmp_path)]
+    trainer, metrics = run(argv)
+    quantized = [m for m in trainer.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert quantized and all(m.weight.device.type == "cuda" for m in quantized)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
+    assert (tmp_path / "adapter_model.safetensors").is_file() and "generation_anls" in metrics

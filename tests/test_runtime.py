@@ -55,3 +55,39 @@ def test_only_the_named_messages_are_muted():
         )
         warnings.warn("something else is deprecated", FutureWarning, stacklevel=2)
     assert [str(w.message) for w in caught] == ["something else is deprecated"]
+
+
+def test_expandable_segments_are_set_at_run_time_unless_the_environment_says(monkeypatch):
+    import torch
+
+    from docvlm import runtime
+
+    calls = []
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", calls.append, raising=False)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert runtime.use_expandable_segments() is False and calls == []  # no GPU: nothing to set
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert runtime.use_expandable_segments() is True
+    assert calls == ["expandable_segments:True"]
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128,expandable_segments:False")
+    assert runtime.use_expandable_segments() is False  # the user's own setting wins
+    assert calls == ["expandable_segments:True"]
+
+
+def test_cudnn_attention_switch_turns_cudnn_sdpa_off_on_a_gpu_only(monkeypatch):
+    import torch
+
+    from docvlm import runtime
+
+    enabled = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        assert runtime.disable_cudnn_attention() is False and torch.backends.cuda.cudnn_sdp_enabled()
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        assert runtime.disable_cudnn_attention() is True and not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(enabled)

@@ -242,7 +242,7 @@ def push(argv: list[str]) -> int:
         "The token is read from HF_TOKEN or the `hf auth login` store; it is never taken as an argument.",
     )
     parser.add_argument("--folder", required=True)
-    parser.add_argument("--repo_id", required=True, help="e.g. you/idefics2-8b-docvqa")
+    parser.add_argument("--repo_id", required=True, help="e.g. you/docvqa-adapter")
     parser.add_argument("--public", action="store_true", help="create the repo public (default: private)")
     args = parser.parse_args(argv)
     if not Path(args.folder).is_dir():
@@ -256,7 +256,7 @@ def push(argv: list[str]) -> int:
 def fixtures(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="docvlm fixtures",
-        description="Build the offline tiny models (Idefics2, Idefics3, LLaVA) and synthetic documents (once; they are "
+        description="Build the offline tiny models (one a tested family) and synthetic documents (once; they are "
         "cached) and print where they are.",
     )
     parser.add_argument(

@@ -123,7 +123,11 @@ class ModelArguments(ModelConfig):
         metadata={"help": "Dtype of the non-quantized weights; auto follows the training precision."},
     )
     do_image_splitting: bool = field(
-        default=False, metadata={"help": "Idefics2: also encode 4 crops of every page (5x image tokens)."}
+        default=False,
+        metadata={
+            "help": "Also encode crops of every page beside the whole page (several times the image tokens). A "
+            "family whose processor does not split pages refuses it."
+        },
     )
     image_longest_edge: int | None = field(
         default=None, metadata={"help": "Resize pages so their longest edge is at most this (None: processor's)."}
@@ -188,22 +192,23 @@ class TrainConfig(SFTConfig):
         default=False,
         metadata={
             "help": "Recompute the vision-language connector in the backward pass, a few pages at a time, instead "
-            "of keeping its activations (~1 GB a page on Idefics2-8B): what lets a larger batch fit. Same math."
+            "of keeping its activations: what lets a larger batch fit (docs/benchmarks.md). Same math. A family "
+            "without a perceiver connector refuses it."
         },
     )
     connector_checkpoint_pages: int = field(
         default=1,
         metadata={
             "help": "Pages recomputed together under connector_checkpointing: more is faster (fewer, larger "
-            "kernels) but holds more memory in the recompute (~1 GB a page on Idefics2-8B)."
+            "kernels) but holds more memory in the recompute."
         },
     )
     connector_lean_activations: bool = field(
         default=True,
         metadata={
             "help": "Keep fewer connector activations for the backward pass: RMSNorms keep their half-precision "
-            "input, not an fp32 copy, and silu(gate)*up keeps only gate and up (~0.28 GB a page less on "
-            "Idefics2-8B). Same outputs and gradients."
+            "input, not an fp32 copy, and silu(gate)*up keeps only gate and up. Same outputs and gradients. "
+            "A family without a perceiver connector refuses it: set it false there."
         },
     )
     vision_tower_no_grad: bool = field(
@@ -218,7 +223,7 @@ class TrainConfig(SFTConfig):
         default=0,
         metadata={
             "help": "With vision_tower_no_grad, run the frozen tower this many pages at a time (0: all at once). "
-            "Same outputs; bounds its short-lived activations (~2 GB for 16 pages on Idefics2-8B), which would "
+            "Same outputs; bounds its short-lived activations, which would "
             "otherwise fragment the CUDA cache."
         },
     )
@@ -226,7 +231,7 @@ class TrainConfig(SFTConfig):
         default=False,
         metadata={
             "help": "Let the CUDA allocator grow memory segments in place (expandable_segments), so that batches "
-            "of varying shapes leave no reserved-but-unused gaps (1-2 GiB on Idefics2-8B). Off the GPU: no effect."
+            "of varying shapes leave no reserved-but-unused gaps (docs/benchmarks.md). Off the GPU: no effect."
         },
     )
     cudnn_attention: bool = field(

@@ -56,9 +56,9 @@ def prepare_recipe_for(mode: str, model_args, training_args) -> list[str]:
     changes = []
     quantized = model_args.load_in_4bit or model_args.load_in_8bit
     if mode == FSDP and quantized:
-        # Measured on two GPUs (docs/distributed.md): FSDP2 trains a 4-bit Idefics2-8B without an error, but not the
-        # model it loaded (a different first loss from DDP and ZeRO on the same batch), and the adapter it saves
-        # does not reproduce the trained model. A run that looks fine and is not is worse than a refusal.
+        # Measured on two GPUs (docs/distributed.md): FSDP2 trains the 4-bit flagship model without an error, but
+        # not the model it loaded (a different first loss from DDP and ZeRO on the same batch), and the adapter it
+        # saves does not reproduce the trained model. A run that looks fine and is not is worse than a refusal.
         raise UserError(
             "FSDP with a 4-bit model (load_in_4bit) is refused: on two GPUs it trained without an error but computed "
             "a different loss from DDP and ZeRO on the same batch, and its saved adapter did not reproduce the "

@@ -385,8 +385,9 @@ def run_eval(argv: list[str] | None = None) -> dict:
     from docvlm.config import UserError, parse_recipe, recipe_argument
     from docvlm.data import load_splits
     from docvlm.hub import check_recipe_sources
-    from docvlm.modeling import disable_cudnn_attention, load_processor, model_path
+    from docvlm.modeling import load_processor, model_path
     from docvlm.preflight import warn_long_answers
+    from docvlm.runtime import disable_cudnn_attention
     from docvlm.screen import screen_split, skip_summary
 
     data_args, model_args, training_args, eval_args = parse_recipe(argv)

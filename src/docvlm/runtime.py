@@ -1,5 +1,6 @@
-"""Process-wide settings of docvlm's entry points: how idle CPU threads wait, and which third-party messages that
-no user can act on are muted. Nothing here imports torch."""
+"""Process-wide settings of docvlm's entry points: how idle CPU threads wait, which third-party messages that no
+user can act on are muted, and the CUDA allocator and attention-backend switches. Nothing here imports torch at
+import time (the thread setting must come before torch loads)."""
 
 from __future__ import annotations
 
@@ -48,3 +49,41 @@ def quiet_third_party_noise() -> None:
         if not any(isinstance(f, _DropMessages) for f in logger.filters):
             logger.addFilter(_DropMessages(prefix))
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
+def use_expandable_segments() -> bool:
+    """Let PyTorch's CUDA caching allocator grow memory segments in place; returns whether it was switched on.
+
+    With fixed-size segments, batches whose shapes vary (questions of different lengths, pages of different sizes)
+    leave reserved-but-unused gaps, enough to decide whether a 12 GB card fits (docs/benchmarks.md). The usual
+    switch, PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, must be set before CUDA starts, which happens before
+    a recipe is read (precision checks query the GPU), so it is set here at run time, as torch allows, before the
+    model is loaded. A setting the user made in the environment wins.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    configured = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "") + os.environ.get("PYTORCH_ALLOC_CONF", "")
+    if "expandable_segments" in configured:
+        return "expandable_segments:true" in configured.replace(" ", "").lower()
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)  # torch >= 2.9; older: the cuda one
+    (setter or torch.cuda.memory._set_allocator_settings)("expandable_segments:True")
+    return True
+
+
+def disable_cudnn_attention() -> bool:
+    """Keep scaled_dot_product_attention off cuDNN's backend; returns whether there was a GPU to set it for.
+
+    On H100s PyTorch prefers cuDNN's attention, which builds and caches an execution plan for each new set of
+    shapes. Document batches change length every step (questions and answers vary), and each plan costs
+    milliseconds of CPU time in every layer that meets it, while the GPU waits (docs/benchmarks.md). FlashAttention
+    and the memory-efficient kernel need no plans. The switch is process-wide, as torch offers it, so evaluation
+    after training uses it too.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    return True

@@ -55,7 +55,7 @@ def check_push(training_args) -> None:
     from huggingface_hub import get_token
 
     if not training_args.hub_model_id:
-        raise UserError("push_to_hub is true but hub_model_id is not set: name the repo, e.g. you/idefics2-docvqa.")
+        raise UserError("push_to_hub is true but hub_model_id is not set: name the repo, e.g. you/docvqa-adapter.")
     if get_token() is None:
         raise UserError("push_to_hub is true but no Hub token was found: set HF_TOKEN or run `hf auth login`.")
 
@@ -77,23 +77,19 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
         whole_model_loading,
     )
     from docvlm.evaluate import evaluate_model, load_trained, report_meta
-    from docvlm.families import family_at, refuse_what_does_not_apply
+    from docvlm.families import apply_switches, family_at, refuse_what_does_not_apply
     from docvlm.hub import check_recipe_sources
     from docvlm.modeling import (
         check_lora_targets,
-        checkpoint_connector,
-        disable_cudnn_attention,
-        frozen_vision_without_grad,
         keep_trainable_fp32,
-        lean_connector_activations,
         load_model,
         load_processor,
         lora_config,
         model_path,
         training_dtype,
-        use_expandable_segments,
     )
     from docvlm.runs import StopRequests, check_output_dir, resolve_checkpoint
+    from docvlm.runtime import disable_cudnn_attention, use_expandable_segments
     from docvlm.screen import skip_summary
     from docvlm.trainer import DocVLMTrainer
 
@@ -127,15 +123,7 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
     model = load_model(
         model_args, training_dtype(training_args), path, training_args.trust_remote_code, place=not sharded
     )
-    # the family allows these switches (refuse_what_does_not_apply); a model whose modules are not where its
-    # family keeps them is refused too, never trained with the switch silently off
-    if training_args.vision_tower_no_grad and not frozen_vision_without_grad(model, training_args.vision_tower_pages):
-        raise UserError(f"vision_tower_no_grad is true, but this {family.name} model has no vision tower to skip.")
-    if training_args.connector_lean_activations and not lean_connector_activations(model):
-        raise UserError(f"connector_lean_activations is true, but this {family.name} model has no connector.")
-    pages = training_args.connector_checkpoint_pages
-    if training_args.connector_checkpointing and not checkpoint_connector(model, pages):
-        raise UserError(f"connector_checkpointing is true, but this {family.name} model has no connector.")
+    apply_switches(family, model, training_args)
 
     output_dir = Path(training_args.output_dir)
     trainer = DocVLMTrainer(

@@ -9,11 +9,14 @@ or failing at the first step.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from docvlm.errors import UserError
+from docvlm.families import idefics2
 
-# Recipe switches that reach into a family's modules (docvlm.modeling), with the recipe value that turns each on.
+# Recipe switches that reach into a family's modules (docvlm.vision_tower and the family modules), with the
+# recipe value that turns each on.
 MODULE_SWITCHES = {
     "vision_tower_no_grad": lambda args: bool(args.vision_tower_no_grad),
     "vision_tower_pages": lambda args: bool(args.vision_tower_no_grad and args.vision_tower_pages),
@@ -41,6 +44,9 @@ class Family:
     # Whether the chat template writes that token after an answer. LLaVA-1.5's writes "ASSISTANT: <answer> " and
     # leaves </s> to the training code, so docvlm appends it to every answer it trains on.
     template_ends_turns: bool = True
+    # The family's own connector patches (model, ...) -> whether the model had the modules; None: not offered.
+    lean_connector: Callable | None = None
+    checkpoint_connector: Callable | None = None
 
     def end_of_turn_id(self, tokenizer) -> int:
         """The id that closes an assistant turn, checked against the tokenizer."""
@@ -85,6 +91,8 @@ IDEFICS2 = Family(
     processor_options=frozenset(PROCESSOR_OPTIONS),
     processor_classes=("Idefics2Processor",),
     end_of_turn="<end_of_utterance>",
+    lean_connector=idefics2.lean_connector_activations,
+    checkpoint_connector=idefics2.checkpoint_connector,
 )
 IDEFICS3 = Family(
     "Idefics3 / SmolVLM",
@@ -168,3 +176,17 @@ def refuse_what_does_not_apply(family: Family, model_args, training_args) -> Non
                 f"{name} is set in the recipe, but it does not apply to {family.name} models: {family.why_not}. "
                 f"Remove it (null)."
             )
+
+
+def apply_switches(family: Family, model, training_args) -> None:
+    """Patch a loaded model with the recipe's memory and speed switches (allowed by refuse_what_does_not_apply). A
+    model whose modules are not where its family keeps them is refused, never trained with a switch silently off."""
+    from docvlm.vision_tower import frozen_vision_without_grad
+
+    args = training_args
+    if args.vision_tower_no_grad and not frozen_vision_without_grad(model, args.vision_tower_pages):
+        raise UserError(f"vision_tower_no_grad is true, but this {family.name} model has no vision tower to skip.")
+    if args.connector_lean_activations and not family.lean_connector(model):
+        raise UserError(f"connector_lean_activations is true, but this {family.name} model has no connector.")
+    if args.connector_checkpointing and not family.checkpoint_connector(model, args.connector_checkpoint_pages):
+        raise UserError(f"connector_checkpointing is true, but this {family.name} model has no connector.")

@@ -1,0 +1,107 @@
+"""Idefics2's connector patches (docvlm.families.idefics2): the same loss and gradients, less memory."""
+
+import pytest
+import torch
+
+from tests.helpers import assert_same, loss_and_grads, peft_tiny_model_and_batch
+
+
+def test_connector_checkpointing_keeps_loss_and_gradients(tiny_model_path, tiny_dataset_path):
+    """Recomputing the connector page by page, or a few pages at a time, changes no loss and no LoRA gradient."""
+    from docvlm.families.idefics2 import checkpoint_connector
+
+    model, batch = peft_tiny_model_and_batch(size=4)
+    calls = []
+    connector = model.get_base_model().model.connector
+    connector.modality_projection.register_forward_hook(lambda *_: calls.append(1))
+    original = connector.forward
+    plain = loss_and_grads(model, batch)
+    assert len(calls) == 1  # the whole batch at once
+    assert any("connector" in name for name in plain[1])
+    assert checkpoint_connector(model.get_base_model())
+    page_by_page = loss_and_grads(model, batch)
+    assert len(calls) == 1 + 4 + 4  # page by page, then again page by page in the backward pass
+    assert_same(plain, page_by_page)
+
+    connector.forward = original
+    assert checkpoint_connector(model.get_base_model(), pages_per_chunk=3)
+    chunked = loss_and_grads(model, batch)
+    assert len(calls) == 9 + 2 + 2  # pages 1-3 and 4, forward and recompute
+    assert_same(plain, chunked)
+    assert not checkpoint_connector(torch.nn.Linear(2, 2))  # no connector: nothing to patch
+
+
+def _saved_activation_bytes(module, *inputs, **kwargs) -> int:
+    """Bytes of the activations autograd keeps for the backward pass of `module(...)`, each counted once (weights,
+    which are kept anyway, are not counted)."""
+    weights = {param.data_ptr() for param in module.parameters()}
+    seen = {}
+
+    def pack(tensor):
+        if tensor.data_ptr() not in weights:
+            seen[(tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))] = tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        module(*inputs, **kwargs)
+    return sum(seen.values())
+
+
+def test_lean_connector_keeps_loss_and_gradients_and_saves_less(tiny_model_path, tiny_dataset_path):
+    """The connector's RMSNorms and gated MLP keep fewer activations; the loss and LoRA gradients do not change."""
+    from docvlm.families.idefics2 import lean_connector_activations
+
+    model, batch = peft_tiny_model_and_batch(size=4)
+    plain = loss_and_grads(model, batch)
+    assert lean_connector_activations(model.get_base_model())
+    lean = loss_and_grads(model, batch)
+    assert_same(plain, lean)
+    assert any("connector" in name for name in lean[1])
+    assert not lean_connector_activations(torch.nn.Linear(2, 2))  # no connector: nothing to change
+
+    # What it saves shows in half precision, as on a GPU: the tiny connector in bf16, on 3 pages of 40 patches.
+    from transformers import AutoConfig
+    from transformers.models.idefics2.modeling_idefics2 import Idefics2Connector
+
+    config = AutoConfig.from_pretrained(tiny_model_path)
+    holder = torch.nn.Module()
+    holder.model = torch.nn.Module()
+    holder.model.connector = Idefics2Connector(config).to(torch.bfloat16).requires_grad_(False)
+    context = torch.randn(3, 40, config.vision_config.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+    mask = torch.ones(3, 40, dtype=torch.bool)
+    connector = holder.model.connector
+    plain_bytes = _saved_activation_bytes(connector, context, attention_mask=mask)
+    assert lean_connector_activations(holder)
+    assert _saved_activation_bytes(connector, context, attention_mask=mask) < 0.8 * plain_bytes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_rms_norm_and_gated_product_match_autograd(dtype):
+    from transformers.models.idefics2.modeling_idefics2 import Idefics2RMSNorm
+
+    from docvlm.families.idefics2 import _lean_rms_norm, _SiluTimes
+
+    torch.manual_seed(0)
+    norm = Idefics2RMSNorm(64, eps=1e-5).to(dtype)
+    torch.nn.init.normal_(norm.weight, mean=1.0, std=0.2)  # trainable here, so its gradient is checked too
+    lean = _lean_rms_norm(norm)
+    hidden = torch.randn(3, 7, 64, dtype=dtype, requires_grad=True)
+    grad = torch.randn(3, 7, 64, dtype=dtype)
+    expected = norm(hidden)
+    expected_grads = torch.autograd.grad(expected, [hidden, norm.weight], grad)
+    got = lean(hidden)
+    got_grads = torch.autograd.grad(got, [hidden, norm.weight], grad)
+    assert torch.equal(got, expected)  # the forward pass is the module's own, op for op
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    for name, a, b in zip(["hidden", "weight"], got_grads, expected_grads, strict=True):
+        torch.testing.assert_close(a, b, **tolerance, msg=name)
+
+    gate = torch.randn(5, 32, dtype=dtype, requires_grad=True)
+    up = torch.randn(5, 32, dtype=dtype, requires_grad=True)
+    grad = torch.randn(5, 32, dtype=dtype)
+    expected = torch.nn.functional.silu(gate) * up
+    expected_grads = torch.autograd.grad(expected, [gate, up], grad)
+    got = _SiluTimes.apply(gate, up)
+    assert torch.equal(got, expected)
+    for a, b in zip(torch.autograd.grad(got, [gate, up], grad), expected_grads, strict=True):
+        assert torch.equal(a, b)  # the same kernels as autograd's, bit for bit
