@@ -1,6 +1,6 @@
 """Families besides Idefics2 through docvlm's one collator and training path, each on its tiny fixture (the
-family's real config class, processor and chat template, random weights) and its shipped recipe: masking,
-training, generation and merge."""
+family's real config class, processor and prompt format: a chat template, or PaliGemma's prefix and suffix; random
+weights) and its shipped recipe: masking, training, generation and merge."""
 
 from dataclasses import dataclass
 
@@ -10,7 +10,7 @@ from PIL import Image
 
 from docvlm.cli import main as cli
 from docvlm.collator import IGNORE_INDEX, DocVQACollator, Prompt
-from docvlm.families import IDEFICS3, LLAVA, Family, family_at, family_of_processor
+from docvlm.families import IDEFICS3, LLAVA, PALIGEMMA, Family, family_at, family_of_processor
 from tests.test_collator import ANSWERS, label_tokens, rows_for
 from tests.test_export import held_out
 
@@ -46,6 +46,17 @@ CASES = {
         LLAVA,
         "LlavaProcessor",
         "</s>",  # LLaVA-1.5's template writes none: docvlm appends the end of sequence
+        64,
+        ("<image>",),
+        ("language_model", "multi_modal_projector"),
+        "vision_tower",
+    ),
+    "paligemma": Case(
+        "docvlm:tiny-paligemma",
+        "paligemma_docvqa_qlora",
+        PALIGEMMA,
+        "PaliGemmaProcessor",
+        "</s>",  # the processor appends the end of sequence to the suffix
         64,
         ("<image>",),
         ("language_model", "multi_modal_projector"),
@@ -155,3 +166,21 @@ def test_an_adapter_merges_and_answers_as_before(case, trained_run, tmp_path):
     want = generate(adapted, adapter_processor, rows, prompt, 8, 3)
     got = generate(merged, AutoProcessor.from_pretrained(merged_dir), rows, prompt, 8, 3)
     assert [a["answer"] for a in got] == [a["answer"] for a in want]
+
+
+def test_a_prefix_prompted_family_refuses_conversations_and_a_system_prompt():
+    from transformers import AutoProcessor
+
+    from docvlm import tiny
+    from docvlm.collator import prompt_text
+    from docvlm.config import UserError
+
+    processor = AutoProcessor.from_pretrained(tiny.resolve("docvlm:tiny-paligemma"))
+    assert prompt_text(processor, Prompt("Answer briefly."), "What is the total?", 2) == (
+        "<image><image>Answer briefly. What is the total?"
+    )
+    messages = [{"role": "user", "content": "Total?"}, {"role": "assistant", "content": "42"}]
+    with pytest.raises(UserError, match="PaliGemma models answer a prefix .* not a chat"):
+        prompt_text(processor, Prompt("Answer briefly."), {"messages": messages}, 1)
+    with pytest.raises(UserError, match="system_prompt do not apply"):
+        prompt_text(processor, Prompt("Answer briefly.", system="You read invoices."), "Total?", 1)

@@ -113,7 +113,10 @@ def test_merge_on_cuda_answers_as_the_adapter(gpu_run, tmp_path):
     assert same >= 6
 
 
-@pytest.mark.parametrize("recipe, fixture", [("smolvlm_docvqa_qlora", "idefics3"), ("llava_docvqa_qlora", "llava")])
+@pytest.mark.parametrize(
+    "recipe, fixture",
+    [("smolvlm_docvqa_qlora", "idefics3"), ("llava_docvqa_qlora", "llava"), ("paligemma_docvqa_qlora", "paligemma")],
+)
 def test_each_familys_tiny_model_trains_in_4bit_on_cuda(recipe, fixture, tmp_path):
     """Every family besides Idefics2 trains with its shipped recipe, in 4-bit on the GPU, with the recipe's
     switches as they are (gradient checkpointing, the frozen tower without grad, expandable segments)."""

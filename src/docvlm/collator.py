@@ -145,9 +145,18 @@ def prompt_messages(row: dict, prompt: Prompt, pages: int) -> list[dict]:
 
 
 def prompt_text(processor, prompt: Prompt | str, row: dict | str, pages: int = 1) -> str:
-    """The text the model sees before it answers a row (or one question about one page)."""
+    """The text the model sees before it answers a row (or one question about one page): the chat up to the answer,
+    or, for a family prompted by a prefix, that prefix."""
     prompt = prompt if isinstance(prompt, Prompt) else Prompt(prompt)
     row = {"question": row} if isinstance(row, str) else row
+    family = family_of_processor(processor)
+    if family.prefix_prompts:
+        if row.get("messages") is not None or prompt.system:
+            raise UserError(
+                f"{family.name} models answer a prefix (pages and question), not a chat: conversations "
+                "(messages_column) and system_prompt do not apply to them. Use question/answers columns."
+            )
+        return family.prefix_text(prompt.instruction, row["question"], pages, str(processor.image_token))
     return processor.apply_chat_template(prompt_messages(row, prompt, pages), add_generation_prompt=True)
 
 
@@ -208,6 +217,8 @@ class DocVQACollator:
         return self.rng.choice(answers) if self.answer_choice == "random" else answers[0]
 
     def __call__(self, rows: list[dict]) -> dict:
+        if self.family.prefix_prompts:
+            return self._prefix_batch(rows)
         conversations, images = self._conversations_and_images(rows)
         texts = [self.processor.apply_chat_template(turns) for turns in conversations]
         # No truncation: cutting image tokens breaks the model ("Image features and image tokens do not match").
@@ -217,6 +228,12 @@ class DocVQACollator:
 
     def lengths(self, rows: list[dict]) -> list[int]:
         """Each row's length in tokens, image tokens included, as a batch would hold it (for checks up front)."""
+        if self.family.prefix_prompts:
+            texts, answers, images = self._prefixes_answers_and_images(rows)
+            return [  # one row at a time: the processor's own labels need rows of one length
+                len(self.processor(text=[t], images=[i], suffix=[a])["input_ids"][0])
+                for t, a, i in zip(texts, answers, images, strict=True)
+            ]
         conversations, images = self._conversations_and_images(rows)
         texts = [self.processor.apply_chat_template(turns) for turns in conversations]
         return [len(ids) for ids in self.processor(text=texts, images=images)["input_ids"]]
@@ -231,6 +248,35 @@ class DocVQACollator:
             raise UserError(f"{where}: the question is empty or not text. Check question_column.")
         answer = self.pick_answer(row.get("answers"), where).strip()
         return [*prompt_messages(row, self.prompt, pages), text_message("assistant", answer)]
+
+    def _prefixes_answers_and_images(self, rows):
+        texts, answers, images = [], [], []
+        for row in rows:
+            where = f"Row {row.get('row', '?')}"
+            pages = pages_of(row, where)
+            question = row.get("question")
+            if row.get("messages") is None and (not isinstance(question, str) or not question.strip()):
+                raise UserError(f"{where}: the question is empty or not text. Check question_column.")
+            texts.append(prompt_text(self.processor, self.prompt, row, len(pages)))
+            answers.append(self.pick_answer(row.get("answers"), where).strip())
+            images.append(pages)
+        return texts, answers, images
+
+    def _prefix_batch(self, rows):
+        """A prefix-prompted family's batch: the processor appends each answer and the end of sequence as the
+        suffix and labels the suffix alone (token types mark the prefix, which the model attends to both ways)."""
+        texts, answers, images = self._prefixes_answers_and_images(rows)
+        batch = self.processor(
+            text=texts, images=images, suffix=answers, padding=True, padding_side="right", return_tensors="pt"
+        )
+        if self.max_length is not None:
+            for i, length in enumerate(batch["attention_mask"].sum(dim=1).tolist()):
+                if length > self.max_length:
+                    raise UserError(
+                        f"Row {rows[i].get('row', '?')} is {length} tokens, over max_length={self.max_length}. Raise "
+                        "max_length in the recipe; image tokens cannot be truncated."
+                    )
+        return batch
 
     def _conversations_and_images(self, rows):
         conversations, images = [], []

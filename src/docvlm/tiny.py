@@ -20,11 +20,12 @@ from pathlib import Path
 TINY_MODEL = "docvlm:tiny-idefics2"
 TINY_IDEFICS3 = "docvlm:tiny-idefics3"
 TINY_LLAVA = "docvlm:tiny-llava"
+TINY_PALIGEMMA = "docvlm:tiny-paligemma"
 TINY_DATASET = "docvlm:tiny-docs"
 TINY_RECEIPTS = "docvlm:tiny-receipts"
 TINY_CHARTS = "docvlm:tiny-charts"
 PREFIX = "docvlm:"
-FIXTURES = (TINY_MODEL, TINY_IDEFICS3, TINY_LLAVA, TINY_DATASET, TINY_RECEIPTS, TINY_CHARTS)
+FIXTURES = (TINY_MODEL, TINY_IDEFICS3, TINY_LLAVA, TINY_PALIGEMMA, TINY_DATASET, TINY_RECEIPTS, TINY_CHARTS)
 
 # Bump when the fixture's recipe changes, so stale caches are rebuilt rather than reused.
 FIXTURE_VERSION = "12"
@@ -96,6 +97,7 @@ def resolve(name_or_path: str | None) -> str | None:
         TINY_MODEL: build_tiny_model,
         TINY_IDEFICS3: build_tiny_idefics3,
         TINY_LLAVA: build_tiny_llava,
+        TINY_PALIGEMMA: build_tiny_paligemma,
         TINY_DATASET: build_tiny_dataset,
         TINY_RECEIPTS: build_tiny_receipts,
         TINY_CHARTS: build_tiny_charts,
@@ -334,6 +336,54 @@ def build_tiny_llava(out_dir: Path, seed: int = 0) -> None:
         num_additional_image_tokens=1,  # CLIP's class token, which the "default" strategy drops
         chat_template=LLAVA_CHAT_TEMPLATE,
     )
+    processor.save_pretrained(out_dir)
+
+
+TINY_PALIGEMMA_EDGE = 112  # a page is resized to 112 x 112, as PaliGemma's to 224, 448 or 896: 64 image tokens
+
+
+def build_tiny_paligemma(out_dir: Path, seed: int = 0) -> None:
+    """Save a randomly initialised tiny PaliGemma (a SigLIP tower, a linear projector and a Gemma decoder, with
+    PaliGemma's processor, which adds its <image>, <locNNNN> and <segNNN> tokens; the Mistral tokenizer stands in for
+    Gemma's, which no installed package ships) and its processor."""
+    import torch
+    from transformers import GenerationConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
+    from transformers.utils import is_torchvision_available
+
+    if is_torchvision_available():
+        from transformers import SiglipImageProcessor
+    else:
+        from transformers import SiglipImageProcessorPil as SiglipImageProcessor
+
+    image_processor = SiglipImageProcessor(size={"height": TINY_PALIGEMMA_EDGE, "width": TINY_PALIGEMMA_EDGE})
+    image_processor.image_seq_length = (TINY_PALIGEMMA_EDGE // TINY_CONFIG["vision"]["patch_size"]) ** 2
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=build_tokenizer())
+    tokenizer = processor.tokenizer
+    text = {k: v for k, v in TINY_CONFIG["text"].items() if k != "sliding_window"}
+    hidden = text["hidden_size"]
+    config = PaliGemmaConfig(
+        text_config={
+            "model_type": "gemma",
+            **text,
+            "vocab_size": len(tokenizer),
+            "head_dim": hidden // text["num_attention_heads"],
+        },
+        vision_config={
+            "model_type": "siglip_vision_model",
+            **{k: TINY_CONFIG["vision"][k] for k in ("num_hidden_layers", "num_attention_heads", "patch_size")},
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "image_size": TINY_PALIGEMMA_EDGE,
+            "projection_dim": hidden,
+        },
+        image_token_index=processor.image_token_id,
+        projection_dim=hidden,
+        hidden_size=hidden,
+    )
+    torch.manual_seed(seed)
+    model = PaliGemmaForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model.save_pretrained(out_dir, safe_serialization=True)
     processor.save_pretrained(out_dir)
 
 

@@ -44,6 +44,9 @@ class Family:
     # Whether the chat template writes that token after an answer. LLaVA-1.5's writes "ASSISTANT: <answer> " and
     # leaves </s> to the training code, so docvlm appends it to every answer it trains on.
     template_ends_turns: bool = True
+    # PaliGemma is trained on a prefix (pages, then the question) and a suffix (the answer and the end of sequence),
+    # not on chat turns: its processor builds the labels and the token types that mark the prefix.
+    prefix_prompts: bool = False
     # The family's own connector patches (model, ...) -> whether the model had the modules; None: not offered.
     lean_connector: Callable | None = None
     checkpoint_connector: Callable | None = None
@@ -77,6 +80,11 @@ class Family:
                 turn = {**turn, "content": parts}
             closed.append(turn)
         return closed
+
+    def prefix_text(self, instruction: str, question: str, pages: int, image_token: str) -> str:
+        """A prefix-prompted family's prompt: one image token a page, then the instruction and the question (its
+        processor adds the begin-of-sequence token after the images and a newline at the end)."""
+        return image_token * pages + " ".join(part for part in (instruction.strip(), question.strip()) if part)
 
     def stop_ids(self, tokenizer) -> list[int]:
         """Where generation stops: the end of a turn, and the end of the sequence."""
@@ -129,7 +137,9 @@ LLAVA = Family(
     template_ends_turns=False,
     **POSITIONAL_TOWER,
 )
-PALIGEMMA = Family("PaliGemma", ("paligemma",), processor_classes=("PaliGemmaProcessor",), **POSITIONAL_TOWER)
+PALIGEMMA = Family(
+    "PaliGemma", ("paligemma",), processor_classes=("PaliGemmaProcessor",), prefix_prompts=True, **POSITIONAL_TOWER
+)
 FAMILIES = (IDEFICS2, IDEFICS3, QWEN2_VL, LLAVA, PALIGEMMA)
 
 
