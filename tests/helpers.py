@@ -20,7 +20,9 @@ def quick(output_dir, *extra):
     ]
 
 
-def peft_tiny_model_and_batch(size=4):
+def peft_tiny_model_and_batch(size=4, recipe="recipes/tiny_docvqa.yaml", *overrides):
+    """A LoRA model of a recipe (the tiny one by default; overrides as on the command line, e.g. another fixture)
+    in fp32 on the CPU, in training mode, and a batch of `size` tiny-docs rows from the recipe's collator."""
     import torch
     from peft import get_peft_model
 
@@ -29,7 +31,7 @@ def peft_tiny_model_and_batch(size=4):
     from docvlm.data import load_splits
     from docvlm.modeling import keep_trainable_fp32, load_model, load_processor, lora_config, model_path
 
-    data_args, model_args, _, _ = parse_recipe(["--config", "recipes/tiny_docvqa.yaml"])
+    data_args, model_args, _, _ = parse_recipe(["--config", recipe, *overrides])
     path = model_path(model_args)
     model = get_peft_model(load_model(model_args, torch.float32, path), lora_config(model_args))
     keep_trainable_fp32(model)

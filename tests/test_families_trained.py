@@ -184,3 +184,44 @@ def test_a_prefix_prompted_family_refuses_conversations_and_a_system_prompt():
         prompt_text(processor, Prompt("Answer briefly."), {"messages": messages}, 1)
     with pytest.raises(UserError, match="system_prompt do not apply"):
         prompt_text(processor, Prompt("Answer briefly.", system="You read invoices."), "Total?", 1)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_every_switch_keeps_loss_and_gradients_or_is_refused(name):
+    """The family's contract: a switch it offers gives the loss and LoRA gradients of the run without it; one it
+    does not offer stops the run at start-up."""
+    from docvlm.config import UserError, parse_recipe
+    from docvlm.families import MODULE_SWITCHES, apply_switches, refuse_what_does_not_apply
+    from docvlm.vision_tower import vision_tower
+    from tests.helpers import assert_same, loss_and_grads, peft_tiny_model_and_batch
+
+    spec = CASES[name]
+    recipe = f"recipes/{spec.recipe}.yaml"
+    data = ["--model_name_or_path", spec.fixture, "--dataset_name", "docvlm:tiny-docs", "--max_train_samples", "8"]
+    off = ["--vision_tower_no_grad", "false", "--vision_tower_pages", "0", "--connector_checkpointing", "false"]
+    off += ["--connector_lean_activations", "false"]
+    torch.manual_seed(0)  # the same LoRA initialisation for every model built here
+    model, batch = peft_tiny_model_and_batch(4, recipe, *data, *off)
+    model.get_base_model().gradient_checkpointing_enable({"use_reentrant": False})
+    model.enable_input_require_grads()  # as the Trainer does with gradient checkpointing and PEFT
+    plain = loss_and_grads(model, batch)
+    on = {"vision_tower_no_grad": "true", "vision_tower_pages": "2", "connector_checkpointing": "true"}
+    on["connector_lean_activations"] = "true"
+    for switch in MODULE_SWITCHES:
+        argv = ["--config", recipe, *data, *off, f"--{switch}", on[switch]]
+        if switch == "vision_tower_pages":
+            argv += ["--vision_tower_no_grad", "true"]
+        _, model_args, training_args, _ = parse_recipe(argv)
+        if switch not in spec.family.switches:
+            with pytest.raises(UserError, match=f"{switch} is on in the recipe, but it does not apply"):
+                refuse_what_does_not_apply(spec.family, model_args, training_args)
+            continue
+        refuse_what_does_not_apply(spec.family, model_args, training_args)
+        torch.manual_seed(0)
+        switched, batch = peft_tiny_model_and_batch(4, recipe, *data, *off)
+        switched.get_base_model().gradient_checkpointing_enable({"use_reentrant": False})
+        switched.enable_input_require_grads()
+        apply_switches(spec.family, switched.get_base_model(), training_args)
+        if switch.startswith("vision_tower"):  # patched, not silently left alone
+            assert "forward" in vars(vision_tower(switched.get_base_model()))
+        assert_same(plain, loss_and_grads(switched, batch))
