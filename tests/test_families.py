@@ -102,3 +102,20 @@ def test_family_names_stay_in_the_family_modules_the_fixtures_and_the_benchmark(
         if "idefics" in line.lower()
     ]
     assert named == []
+
+
+def test_a_switch_whose_modules_are_missing_is_an_error_never_silently_off():
+    import torch
+
+    from docvlm.families import MODULE_SWITCHES, Family, apply_switches
+
+    anything = Family("Test family", ("test",), switches=frozenset(MODULE_SWITCHES))  # allows every switch
+    off = ["--vision_tower_no_grad", "false", "--connector_checkpointing", "false"]
+    _, training_args = recipe(*off, "--connector_lean_activations", "true")
+    with pytest.raises(UserError, match="connector_lean_activations is true, but this Test family model has no"):
+        apply_switches(anything, torch.nn.Linear(2, 2), training_args)
+    _, training_args = recipe("--connector_lean_activations", "false", "--connector_checkpointing", "false")
+    with pytest.raises(UserError, match="vision_tower_no_grad is true, but this Test family model has no vision"):
+        apply_switches(anything, torch.nn.Linear(2, 2), training_args)
+    with pytest.raises(UserError, match="connector_checkpointing is true, but this Idefics2 model has no connector"):
+        apply_switches(IDEFICS2, torch.nn.Linear(2, 2), recipe(*off[:2], "--connector_lean_activations", "false")[1])

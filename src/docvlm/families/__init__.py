@@ -196,7 +196,8 @@ def apply_switches(family: Family, model, training_args) -> None:
     args = training_args
     if args.vision_tower_no_grad and not frozen_vision_without_grad(model, args.vision_tower_pages):
         raise UserError(f"vision_tower_no_grad is true, but this {family.name} model has no vision tower to skip.")
-    if args.connector_lean_activations and not family.lean_connector(model):
+    if args.connector_lean_activations and not (family.lean_connector and family.lean_connector(model)):
         raise UserError(f"connector_lean_activations is true, but this {family.name} model has no connector.")
-    if args.connector_checkpointing and not family.checkpoint_connector(model, args.connector_checkpoint_pages):
+    pages = args.connector_checkpoint_pages
+    if args.connector_checkpointing and not (family.checkpoint_connector and family.checkpoint_connector(model, pages)):
         raise UserError(f"connector_checkpointing is true, but this {family.name} model has no connector.")
