@@ -227,6 +227,21 @@ class TrainConfig(SFTConfig):
             "otherwise fragment the CUDA cache."
         },
     )
+    vision_feature_cache: Literal["off", "memory", "disk"] = field(
+        default="off",
+        metadata={
+            "help": "Compute each page's frozen vision features once, for every epoch (memory) and later run "
+            "(disk). Same gradients."
+        },
+    )
+    vision_feature_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Folder of the disk cache (null: $DOCVLM_CACHE/vision-features, ~/.cache/docvlm/...)."},
+    )
+    vision_feature_cache_max_gb: float = field(
+        default=50.0,
+        metadata={"help": "Most the cache may hold; pages beyond it are recomputed each time, and counted."},
+    )
     cuda_expandable_segments: bool = field(
         default=False,
         metadata={
@@ -307,6 +322,13 @@ class TrainConfig(SFTConfig):
                 raise ValueError(f"{name} is {value}: it must be {fix}.")
         if self.connector_checkpoint_pages < 1:
             raise ValueError(f"connector_checkpoint_pages must be at least 1, got {self.connector_checkpoint_pages}.")
+        if self.vision_feature_cache != "off" and not self.vision_tower_no_grad:
+            raise ValueError(
+                "vision_feature_cache is on but vision_tower_no_grad is false: the cache replaces the frozen tower's "
+                "gradient-free forward. Set vision_tower_no_grad: true, or vision_feature_cache: off."
+            )
+        if self.vision_feature_cache_max_gb <= 0:
+            raise ValueError(f"vision_feature_cache_max_gb must be above 0, got {self.vision_feature_cache_max_gb}.")
         if self.vision_tower_pages < 0:
             raise ValueError(f"vision_tower_pages must be 0 (all at once) or more, got {self.vision_tower_pages}.")
         if self.dataloader_num_workers == 0:

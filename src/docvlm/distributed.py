@@ -113,6 +113,12 @@ def refuse_unsupported_switches(mode: str, training_args) -> None:
             f"{mode} with QLoRA in bf16 only. Use a GPU with bf16 (A100, H100, L4, RTX 30xx and newer) with "
             "precision: bf16, or accelerate_configs/multi_gpu.yaml, which supports every precision."
         )
+    if mode in WEIGHT_SHARDING and training_args.vision_feature_cache != "off":
+        raise UserError(
+            f"vision_feature_cache is on under {mode}, which splits the vision tower's weights across processes: "
+            "no process can tell which tower computed a cached page. Use it with one GPU or "
+            "accelerate_configs/multi_gpu.yaml, or set vision_feature_cache: off."
+        )
     if mode == FSDP and _on("FSDP_ACTIVATION_CHECKPOINTING") and training_args.gradient_checkpointing:
         raise UserError(
             "gradient_checkpointing is true and the FSDP config also sets fsdp_activation_checkpointing: both "

@@ -108,6 +108,7 @@ HELP_SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "loss_logits",
             "vision_tower_no_grad",
             "vision_tower_pages",
+            "vision_feature_cache",
             "connector_checkpointing",
             "connector_checkpoint_pages",
             "connector_lean_activations",

@@ -123,7 +123,7 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
     model = load_model(
         model_args, training_dtype(training_args), path, training_args.trust_remote_code, place=not sharded
     )
-    apply_switches(family, model, training_args)
+    feature_cache = apply_switches(family, model, training_args)
 
     output_dir = Path(training_args.output_dir)
     trainer = DocVLMTrainer(
@@ -156,6 +156,8 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
     if stops.received is not None:
         # a preempted machine: the checkpoint just written is the result; no final adapter, no evaluation
         raise Stopped(stops.received, trainer.state.global_step, output_dir)
+    if feature_cache is not None:
+        print(feature_cache.summary())
     trainer.save_model()  # the adapter (or full weights) and the processor
     # the main process writes the files: the others must not look for them (the evaluation reloads them) before
     trainer.accelerator.wait_for_everyone()

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import torch
 
+from docvlm.errors import UserError
+from docvlm.vision_cache import cached_features
+
 VISION_TOWER_NAMES = ("vision_model", "vision_tower", "visual")  # what transformers' VLMs call their encoder
 
 
@@ -18,9 +21,10 @@ def vision_tower(model):
     return None
 
 
-def frozen_vision_without_grad(model, pages_per_chunk: int = 0) -> bool:
+def frozen_vision_without_grad(model, pages_per_chunk: int = 0, cache=None) -> bool:
     """Run the vision tower under no_grad whenever none of its weights is trainable, `pages_per_chunk` pages at a
-    time (0: all at once); returns whether the model has a vision tower to patch.
+    time (0: all at once), or, with a `cache` (docvlm.vision_cache), read each page's features from it; returns
+    whether the model has a vision tower to patch. A trained tower with a cache is refused at its first call.
 
     Gradient checkpointing makes transformers call `enable_input_require_grads`, which marks the output of every
     input-embedding layer as requiring grad, the vision tower's patch embeddings included. A frozen tower then
@@ -37,6 +41,7 @@ def frozen_vision_without_grad(model, pages_per_chunk: int = 0) -> bool:
     if tower is None:
         return False
     original = tower.forward
+    patch_size = getattr(getattr(tower, "config", None), "patch_size", None)
 
     def in_chunks(pixel_values=None, patch_attention_mask=None, **kwargs):
         pages = 0 if pixel_values is None else pixel_values.shape[0]
@@ -58,7 +63,19 @@ def frozen_vision_without_grad(model, pages_per_chunk: int = 0) -> bool:
         return output
 
     def forward(*args, **kwargs):
-        if torch.is_grad_enabled() and not any(p.requires_grad for p in tower.parameters()):
+        frozen = not any(p.requires_grad for p in tower.parameters())
+        if cache is not None and torch.is_grad_enabled():
+            if not frozen:
+                raise UserError(
+                    "vision_feature_cache is on, but the vision tower is trained (its LoRA targets or "
+                    "modules_to_save reach into it): its features change every step. Keep the tower out of "
+                    "lora_target_regex / lora_target_modules, or set vision_feature_cache: off."
+                )
+            whole = args or kwargs.get("output_hidden_states") or kwargs.get("output_attentions")
+            if not whole:
+                with torch.no_grad():
+                    return cached_features(original, cache, patch_size=patch_size, **kwargs)
+        if torch.is_grad_enabled() and frozen:
             with torch.no_grad():
                 if args:  # positional calls are passed through whole
                     return original(*args, **kwargs)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from docvlm.errors import UserError
 from docvlm.families import idefics2
@@ -22,7 +23,9 @@ MODULE_SWITCHES = {
     "vision_tower_pages": lambda args: bool(args.vision_tower_no_grad and args.vision_tower_pages),
     "connector_checkpointing": lambda args: bool(args.connector_checkpointing),
     "connector_lean_activations": lambda args: bool(args.connector_lean_activations),
+    "vision_feature_cache": lambda args: args.vision_feature_cache != "off",
 }
+OFF = {"vision_tower_pages": "0", "vision_feature_cache": "off"}  # the recipe value that turns a switch off
 # Processor options a recipe can set (ModelArguments), with the value that means "set".
 PROCESSOR_OPTIONS = {
     "do_image_splitting": lambda args: bool(args.do_image_splitting),
@@ -107,7 +110,7 @@ IDEFICS3 = Family(
     ("idefics3", "smolvlm"),
     # its tower is called with keywords, as docvlm's chunking expects; its connector is a pixel shuffle and one
     # projection taking a single tensor, not Idefics2's perceiver
-    switches=frozenset({"vision_tower_no_grad", "vision_tower_pages"}),
+    switches=frozenset({"vision_tower_no_grad", "vision_tower_pages", "vision_feature_cache"}),
     processor_options=frozenset({"do_image_splitting"}),
     why_not="its connector is a pixel shuffle and one projection, not Idefics2's perceiver resampler, and its "
     "processor sizes pages in its own way",
@@ -178,7 +181,7 @@ def refuse_what_does_not_apply(family: Family, model_args, training_args) -> Non
         if is_on(training_args) and name not in family.switches:
             raise UserError(
                 f"{name} is on in the recipe, but it does not apply to {family.name} models: {family.why_not}. "
-                f"Set {name}: {'0' if name == 'vision_tower_pages' else 'false'}."
+                f"Set {name}: {OFF.get(name, 'false')}."
             )
     for name, is_set in PROCESSOR_OPTIONS.items():
         if is_set(model_args) and name not in family.processor_options:
@@ -188,16 +191,26 @@ def refuse_what_does_not_apply(family: Family, model_args, training_args) -> Non
             )
 
 
-def apply_switches(family: Family, model, training_args) -> None:
-    """Patch a loaded model with the recipe's memory and speed switches (allowed by refuse_what_does_not_apply). A
-    model whose modules are not where its family keeps them is refused, never trained with a switch silently off."""
-    from docvlm.vision_tower import frozen_vision_without_grad
+def apply_switches(family: Family, model, training_args):
+    """Patch a loaded model with the recipe's memory and speed switches (allowed by refuse_what_does_not_apply), and
+    return the vision feature cache (None when off). A model whose modules are not where its family keeps them is
+    refused, never trained with a switch silently off."""
+    from docvlm.vision_tower import frozen_vision_without_grad, vision_tower
 
     args = training_args
-    if args.vision_tower_no_grad and not frozen_vision_without_grad(model, args.vision_tower_pages):
+    cache = None
+    if args.vision_feature_cache != "off" and vision_tower(model) is not None:
+        from docvlm import tiny
+        from docvlm.vision_cache import FeatureCache, tower_identity
+
+        folder = args.vision_feature_cache_dir or Path(tiny.cache_root()) / "vision-features"
+        limit = int(args.vision_feature_cache_max_gb * 2**30)
+        cache = FeatureCache(args.vision_feature_cache, folder, tower_identity(vision_tower(model)), limit)
+    if args.vision_tower_no_grad and not frozen_vision_without_grad(model, args.vision_tower_pages, cache):
         raise UserError(f"vision_tower_no_grad is true, but this {family.name} model has no vision tower to skip.")
     if args.connector_lean_activations and not (family.lean_connector and family.lean_connector(model)):
         raise UserError(f"connector_lean_activations is true, but this {family.name} model has no connector.")
     pages = args.connector_checkpoint_pages
     if args.connector_checkpointing and not (family.checkpoint_connector and family.checkpoint_connector(model, pages)):
         raise UserError(f"connector_checkpointing is true, but this {family.name} model has no connector.")
+    return cache

@@ -1,0 +1,175 @@
+"""The frozen-vision-feature cache (docvlm.vision_cache): the same loss and gradients as the tower itself, a miss
+whenever the tower or the page changes, a bounded and reported disk cache, and no half-written entry on a full
+disk."""
+
+import errno
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from docvlm.errors import UserError
+from docvlm.vision_cache import FeatureCache, cached_features, tower_identity
+from tests.helpers import assert_same, loss_and_grads, peft_tiny_model_and_batch
+
+# pages of four shapes: a batch pads them to its largest, which the cache must not depend on
+SIZES = [(300, 400), (420, 260), (250, 500), (380, 380)]
+
+
+def noisy_page(size, seed):
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def mixed_batch(processor, seed=0):
+    from docvlm.collator import DocVQACollator
+
+    rows = [
+        {"row": i, "image": noisy_page(size, seed + i), "question": f"What is field {i}?", "answers": [f"{i}{i}"]}
+        for i, size in enumerate(SIZES)
+    ]
+    return DocVQACollator(processor, "Answer briefly.", 512, "first")(rows)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_and_processor():
+    from transformers import AutoProcessor
+
+    from docvlm import tiny
+
+    torch.manual_seed(0)
+    model, _ = peft_tiny_model_and_batch(1)
+    return model, AutoProcessor.from_pretrained(tiny.resolve(tiny.TINY_MODEL))
+
+
+def patched(model, cache):
+    from docvlm.vision_tower import frozen_vision_without_grad, vision_tower
+
+    tower = vision_tower(model.get_base_model())
+    tower.__dict__.pop("forward", None)  # back to the class's forward, then patch afresh
+    assert frozen_vision_without_grad(model.get_base_model(), cache=cache)
+    return tower
+
+
+def test_training_with_the_cache_gives_the_towers_loss_and_gradients(tiny_model_and_processor):
+    model, processor = tiny_model_and_processor
+    batch = mixed_batch(processor)
+    assert batch["pixel_values"].shape[-2:] != (224, 168)  # padded to the largest page
+    tower = patched(model, None)
+    plain = loss_and_grads(model, batch)
+    cache = FeatureCache("memory", None, tower_identity(tower), 2**30)
+    patched(model, cache)
+    computed = loss_and_grads(model, batch)  # every page computed alone, unpadded, and stored
+    assert (cache.misses, cache.hits) == (4, 0)
+    read = loss_and_grads(model, batch)  # every page read back
+    assert (cache.misses, cache.hits) == (4, 4)
+    assert_same(plain, computed)
+    assert_same(plain, read)
+    reordered = mixed_batch(processor)  # the same pages in another batch composition still hit
+    for key in ("input_ids", "attention_mask", "labels", "pixel_values", "pixel_attention_mask"):
+        reordered[key] = reordered[key][[2, 0]]
+    loss_and_grads(model, reordered)
+    assert (cache.misses, cache.hits) == (4, 6)
+    patched(model, None)
+
+
+def test_a_changed_page_or_tower_is_a_miss_never_a_stale_hit(tiny_model_and_processor):
+    model, processor = tiny_model_and_processor
+    tower = patched(model, None)
+    identity = tower_identity(tower)
+    cache = FeatureCache("memory", None, identity, 2**30)
+    batch = mixed_batch(processor)
+    pixels, mask = batch["pixel_values"][:, 0], None
+
+    def run():
+        with torch.no_grad():
+            return cached_features(tower.forward, cache, pixels, mask, patch_size=14).last_hidden_state
+
+    first = run()
+    assert (cache.misses, cache.hits) == (4, 0)
+    torch.testing.assert_close(run(), first)
+    assert cache.hits == 4
+    pixels = mixed_batch(processor, seed=10)["pixel_values"][:, 0]  # other pages of the same sizes
+    run()
+    assert (cache.misses, cache.hits) == (8, 4)
+    pixels = pixels.half().float()  # the same pages, resized or rounded differently by another processor setting
+    run()
+    assert cache.misses == 12
+    with torch.no_grad():
+        next(tower.parameters()).add_(1e-3)  # another tower (another checkpoint or revision)
+    assert tower_identity(tower) != identity
+    with torch.no_grad():
+        next(tower.parameters()).sub_(1e-3)
+
+
+def test_the_disk_cache_is_shared_by_later_runs_bounded_and_reported(tmp_path):
+    features = torch.randn(16, 8)
+    size = features.numel() * 4
+    first = FeatureCache("disk", tmp_path, "tower-a" * 4, max_bytes=3 * size)
+    for n in range(3):
+        first.put(f"{n:02d}" + "k" * 62, features + n)
+    on_disk = sum(p.stat().st_size for p in tmp_path.rglob("*.safetensors"))
+    assert first.stored_bytes == on_disk and 2 * size < on_disk < 3 * size  # the third is over the bound
+    assert first.not_stored == 1
+    assert "2 pages" not in first.summary() and "1 pages not stored" in first.summary()
+    later = FeatureCache("disk", tmp_path, "tower-a" * 4, max_bytes=3 * size)
+    assert later.stored_bytes == first.stored_bytes  # what is on disk counts against the bound
+    torch.testing.assert_close(later.get("01" + "k" * 62), features + 1)
+    assert later.get("02" + "k" * 62) is None and (later.hits, later.misses) == (1, 1)
+    other_tower = FeatureCache("disk", tmp_path, "tower-b" * 4, max_bytes=3 * size)
+    assert other_tower.get("01" + "k" * 62) is None  # another tower's folder
+    assert f"{on_disk / 2**20:.1f} MiB in {tmp_path}" in later.summary()
+
+
+def test_a_full_disk_stops_with_what_to_do_and_leaves_no_partial_entry(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def fill_the_disk(tensors, filename):
+        with open(filename, "wb") as handle:
+            handle.write(b"half an entry")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fill_the_disk)
+    cache = FeatureCache("disk", tmp_path, "tower" * 4, max_bytes=2**30)
+    with pytest.raises(UserError, match=r"vision feature cache .* is full\. Free space there"):
+        cache.put("ab" * 32, torch.zeros(4, 4))
+    assert list(tmp_path.rglob("*")) == [p for p in tmp_path.rglob("*") if p.is_dir()]  # no file left behind
+    assert cache.get("ab" * 32) is None
+
+
+def test_the_cache_is_refused_for_a_trained_tower_and_where_it_cannot_apply(tiny_model_and_processor, monkeypatch):
+    from docvlm.config import parse_recipe
+    from docvlm.distributed import FSDP, refuse_unsupported_switches
+    from docvlm.families import LLAVA, refuse_what_does_not_apply
+
+    model, processor = tiny_model_and_processor
+    tower = patched(model, FeatureCache("memory", None, "x", 2**30))
+    next(tower.parameters()).requires_grad_(True)
+    try:
+        with pytest.raises(UserError, match="vision_feature_cache is on, but the vision tower is trained"):
+            model(**mixed_batch(processor))
+    finally:
+        next(tower.parameters()).requires_grad_(False)
+        patched(model, None)
+    base = ["--config", "recipes/tiny_docvqa.yaml", "--vision_feature_cache", "disk"]
+    with pytest.raises(UserError, match="vision_feature_cache is on but vision_tower_no_grad is false"):
+        parse_recipe([*base, "--vision_tower_no_grad", "false"])
+    _, model_args, training_args, _ = parse_recipe([*base, "--connector_lean_activations", "false"])
+    with pytest.raises(UserError, match="vision_feature_cache is on in the recipe, but it does not apply to LLaVA"):
+        refuse_what_does_not_apply(LLAVA, model_args, training_args)
+    with pytest.raises(UserError, match=f"vision_feature_cache is on under {FSDP}, which splits"):
+        refuse_unsupported_switches(FSDP, training_args)
+
+
+def test_a_second_run_reads_what_the_first_computed_and_says_so(tmp_path, capsys):
+    from docvlm.train import run
+    from tests.helpers import quick
+
+    folder = tmp_path / "features"
+    for n in (1, 2):
+        argv = quick(tmp_path / f"run{n}", "--max_steps", "2", "--save_strategy", "no", "--eval_after_training")
+        run([*argv, "false", "--vision_feature_cache", "disk", "--vision_feature_cache_dir", str(folder)])
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Vision feature cache")]
+    assert printed[0].startswith("Vision feature cache: 0 pages read, 8 computed")
+    assert printed[1].startswith("Vision feature cache: 8 pages read, 0 computed") and str(folder) in printed[1]
