@@ -117,7 +117,9 @@ def real_extent(patch_mask: torch.Tensor) -> tuple[int, int]:
     return int(patch_mask.any(dim=1).sum()), int(patch_mask.any(dim=0).sum())
 
 
-def cached_features(original, cache: FeatureCache, pixel_values, patch_attention_mask, patch_size: int, **kwargs):
+def cached_features(
+    original, cache: FeatureCache, pixel_values, patch_attention_mask=None, patch_size: int = 14, **kwargs
+):
     """The tower's last hidden state for a batch of pages, each page read from the cache or computed alone at its
     real size and stored; padded positions are zeros (masked downstream, as the tower's own values there are)."""
     from transformers.modeling_outputs import BaseModelOutput
