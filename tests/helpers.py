@@ -1,5 +1,7 @@
 """Helpers shared by the tests."""
 
+from contextlib import contextmanager
+
 
 def quick(output_dir, *extra):
     """Arguments for a few-step run of the tiny recipe."""
@@ -56,3 +58,21 @@ def assert_same(first, second):
     assert grads_a.keys() == grads_b.keys()
     for name in grads_a:
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@contextmanager
+def zero3_registered():
+    """A ZeRO-3 config registered with transformers, as a ZeRO-3 launch registers one (no DeepSpeed needed);
+    yields transformers' deepspeed integration module."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    class Zero3Config:
+        def is_zero3(self):
+            return True
+
+    config = Zero3Config()  # transformers keeps a weak reference: hold it for the duration
+    hf_deepspeed.set_hf_deepspeed_config(config)
+    try:
+        yield hf_deepspeed
+    finally:
+        hf_deepspeed.unset_hf_deepspeed_config()

@@ -196,24 +196,15 @@ def test_lora_targets_are_checked_under_zero3_without_partitioning_the_skeleton(
     """Under a ZeRO-3 launch transformers builds every model inside deepspeed.zero.Init, which cannot place the
     meta-device skeleton ("Cannot copy out of meta tensor"); the check builds it outside, so it needs no DeepSpeed
     at all (a partitioning build would import it)."""
-    from transformers.integrations import deepspeed as hf_deepspeed
-
     from docvlm.config import ModelArguments
     from docvlm.modeling import check_lora_targets
+    from tests.helpers import zero3_registered
 
-    class Zero3Config:
-        def is_zero3(self):
-            return True
-
-    config = Zero3Config()
-    hf_deepspeed.set_hf_deepspeed_config(config)
-    try:
+    with zero3_registered() as hf_deepspeed:
         with pytest.raises(UserError, match="lora_target_modules matches no linear layer"):
             check_lora_targets(ModelArguments(use_peft=True, lora_target_modules=["qkv"]), tiny_model_path)
         check_lora_targets(ModelArguments(use_peft=True, lora_target_modules=["q_proj", "v_proj"]), tiny_model_path)
         assert hf_deepspeed.is_deepspeed_zero3_enabled()
-    finally:
-        hf_deepspeed.unset_hf_deepspeed_config()
 
 
 def test_conflicting_precision_flags_and_bf16_on_a_gpu_without_it_are_refused(monkeypatch):

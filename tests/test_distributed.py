@@ -352,23 +352,15 @@ def test_fsdp_refuses_two_kinds_of_activation_checkpointing(monkeypatch):
 def test_a_model_built_under_zero3_is_built_whole(monkeypatch):
     """The tiny fixture and the evaluation model are built as one process builds them, even while a ZeRO-3
     config is registered (transformers would otherwise partition them as they are created)."""
-    from transformers.integrations import deepspeed as hf_deepspeed
-
     from docvlm.distributed import whole_model_loading
+    from tests.helpers import zero3_registered
 
-    class Zero3Config:
-        def is_zero3(self):
-            return True
-
-    config = Zero3Config()
-    hf_deepspeed.set_hf_deepspeed_config(config)
-    try:
+    with zero3_registered() as hf_deepspeed:
         assert hf_deepspeed.is_deepspeed_zero3_enabled()
         with whole_model_loading():
             assert not hf_deepspeed.is_deepspeed_zero3_enabled()
         assert hf_deepspeed.is_deepspeed_zero3_enabled()  # restored afterwards
-    finally:
-        hf_deepspeed.unset_hf_deepspeed_config()
+    assert not hf_deepspeed.is_deepspeed_zero3_enabled()
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in Path("accelerate_configs").glob("*.yaml")))
