@@ -156,8 +156,8 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
     if stops.received is not None:
         # a preempted machine: the checkpoint just written is the result; no final adapter, no evaluation
         raise Stopped(stops.received, trainer.state.global_step, output_dir)
-    if feature_cache is not None:
-        print(feature_cache.summary())
+    if feature_cache is not None and trainer.accelerator.is_main_process:
+        print(feature_cache.summary())  # the main process's pages; each process keeps its own count
     trainer.save_model()  # the adapter (or full weights) and the processor
     # the main process writes the files: the others must not look for them (the evaluation reloads them) before
     trainer.accelerator.wait_for_everyone()
