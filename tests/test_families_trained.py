@@ -206,10 +206,10 @@ def test_every_switch_keeps_loss_and_gradients_or_is_refused(name):
     model.enable_input_require_grads()  # as the Trainer does with gradient checkpointing and PEFT
     plain = loss_and_grads(model, batch)
     on = {"vision_tower_no_grad": "true", "vision_tower_pages": "2", "connector_checkpointing": "true"}
-    on["connector_lean_activations"] = "true"
+    on.update(connector_lean_activations="true", vision_feature_cache="memory")
     for switch in MODULE_SWITCHES:
         argv = ["--config", recipe, *data, *off, f"--{switch}", on[switch]]
-        if switch == "vision_tower_pages":
+        if switch in ("vision_tower_pages", "vision_feature_cache"):  # both work through the frozen tower
             argv += ["--vision_tower_no_grad", "true"]
         _, model_args, training_args, _ = parse_recipe(argv)
         if switch not in spec.family.switches:
@@ -222,6 +222,6 @@ def test_every_switch_keeps_loss_and_gradients_or_is_refused(name):
         switched.get_base_model().gradient_checkpointing_enable({"use_reentrant": False})
         switched.enable_input_require_grads()
         apply_switches(spec.family, switched.get_base_model(), training_args)
-        if switch.startswith("vision_tower"):  # patched, not silently left alone
+        if switch.startswith("vision_"):  # patched, not silently left alone
             assert "forward" in vars(vision_tower(switched.get_base_model()))
         assert_same(plain, loss_and_grads(switched, batch))
