@@ -21,13 +21,18 @@ import torch
 from docvlm.errors import UserError
 
 
+def _digest_tensor(digest, tensor: torch.Tensor, name: str = "") -> None:
+    """Add a tensor's name, dtype, shape and bytes to a hash."""
+    digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+    digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+
+
 def tower_identity(tower: torch.nn.Module) -> str:
     """A digest of the tower's weights (all of them, with dtype and shape): two towers share cached features only
     when they compute the same function."""
     digest = hashlib.sha256()
     for name, tensor in sorted(tower.state_dict().items()):
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        _digest_tensor(digest, tensor, name)
     return digest.hexdigest()
 
 
@@ -46,8 +51,7 @@ class FeatureCache:
 
     def key(self, pixels: torch.Tensor) -> str:
         digest = hashlib.sha256(self.identity.encode())
-        digest.update(f"{pixels.dtype}:{tuple(pixels.shape)}".encode())
-        digest.update(pixels.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        _digest_tensor(digest, pixels)
         return digest.hexdigest()
 
     def _path(self, key: str) -> Path:

@@ -21,6 +21,11 @@ def vision_tower(model):
     return None
 
 
+def keeps_all_outputs(kwargs: dict) -> bool:
+    """Whether a tower call asks for its hidden states or attentions too: such calls are passed through whole."""
+    return bool(kwargs.get("output_hidden_states") or kwargs.get("output_attentions"))
+
+
 def frozen_vision_without_grad(model, pages_per_chunk: int = 0, cache=None) -> bool:
     """Run the vision tower under no_grad whenever none of its weights is trainable, `pages_per_chunk` pages at a
     time (0: all at once), or, with a `cache` (docvlm.vision_cache), read each page's features from it; returns
@@ -45,8 +50,7 @@ def frozen_vision_without_grad(model, pages_per_chunk: int = 0, cache=None) -> b
 
     def in_chunks(pixel_values=None, patch_attention_mask=None, **kwargs):
         pages = 0 if pixel_values is None else pixel_values.shape[0]
-        whole = kwargs.get("output_hidden_states") or kwargs.get("output_attentions")  # outputs kept as they are
-        if not pages_per_chunk or pages <= pages_per_chunk or whole:
+        if not pages_per_chunk or pages <= pages_per_chunk or keeps_all_outputs(kwargs):
             return original(pixel_values=pixel_values, patch_attention_mask=patch_attention_mask, **kwargs)
         outputs = [
             original(
@@ -71,8 +75,7 @@ def frozen_vision_without_grad(model, pages_per_chunk: int = 0, cache=None) -> b
                     "modules_to_save reach into it): its features change every step. Keep the tower out of "
                     "lora_target_regex / lora_target_modules, or set vision_feature_cache: off."
                 )
-            whole = args or kwargs.get("output_hidden_states") or kwargs.get("output_attentions")
-            if not whole:
+            if not args and not keeps_all_outputs(kwargs):
                 with torch.no_grad():
                     return cached_features(original, cache, patch_size=patch_size, **kwargs)
         if torch.is_grad_enabled() and frozen:
