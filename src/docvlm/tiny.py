@@ -163,6 +163,46 @@ def build_tokenizer():
     return tokenizer
 
 
+def image_processor_class(name: str):
+    """transformers' image processor class `name`, or its PIL twin where torchvision is missing (transformers 5.17
+    has no automatic fallback when a processor is constructed directly)."""
+    import transformers
+    from transformers.utils import is_torchvision_available
+
+    return getattr(transformers, name if is_torchvision_available() else f"{name}Pil")
+
+
+def text_config(model_type: str, **changes) -> dict:
+    """The tiny decoder's settings for another decoder family (Llama, Gemma), which has no sliding window."""
+    settings = {k: v for k, v in TINY_CONFIG["text"].items() if k != "sliding_window"}
+    return {"model_type": model_type, **settings, **changes}
+
+
+def small_vision_config(model_type: str, image_size: int, projection_dim: int) -> dict:
+    """A CLIP- or SigLIP-style tower as small as the tiny Idefics2's (2 layers, 4 heads, 14 px patches)."""
+    depth = {k: TINY_CONFIG["vision"][k] for k in ("num_hidden_layers", "num_attention_heads", "patch_size")}
+    return {
+        "model_type": model_type,
+        **depth,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "image_size": image_size,
+        "projection_dim": projection_dim,
+    }
+
+
+def save_random_model(model_class, config, processor, out_dir: Path, seed: int, eos_token_id) -> None:
+    """Save a randomly initialised model (safetensors) and its processor, like a Hub snapshot."""
+    import torch
+    from transformers import GenerationConfig
+
+    torch.manual_seed(seed)
+    model = model_class(config)
+    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=eos_token_id, pad_token_id=0)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    processor.save_pretrained(out_dir)
+
+
 def build_processor(
     image_seq_len: int = TINY_IMAGE_SEQ_LEN,
     shortest_edge: int = TINY_IMAGE_SHORTEST_EDGE,
@@ -170,14 +210,8 @@ def build_processor(
 ):
     """Idefics2's processor (Idefics2's defaults are 64 tokens a page and 378-980 px; the tiny model's are less)."""
     from transformers import Idefics2Processor
-    from transformers.utils import is_torchvision_available
 
-    if is_torchvision_available():
-        from transformers import Idefics2ImageProcessor
-    else:  # the PIL backend; transformers 5.17 has no automatic fallback when constructing directly
-        from transformers import Idefics2ImageProcessorPil as Idefics2ImageProcessor
-
-    image_processor = Idefics2ImageProcessor(
+    image_processor = image_processor_class("Idefics2ImageProcessor")(
         do_image_splitting=False,
         size={"shortest_edge": shortest_edge, "longest_edge": longest_edge},
     )
@@ -242,31 +276,18 @@ TINY_IDEFICS3_EDGE = 112  # one 112 px page is 8 x 8 patches of 14, pixel-shuffl
 def build_tiny_idefics3(out_dir: Path, seed: int = 0) -> None:
     """Save a randomly initialised tiny Idefics3 (Idefics3's real config, processor and chat template; the Mistral
     tokenizer with Idefics3's special tokens) and its processor, like a Hub snapshot."""
-    import torch
-    from transformers import GenerationConfig, Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
-    from transformers.utils import is_torchvision_available
-
-    if is_torchvision_available():
-        from transformers import Idefics3ImageProcessor
-    else:
-        from transformers import Idefics3ImageProcessorPil as Idefics3ImageProcessor
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
 
     tokenizer = build_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": IDEFICS3_SPECIAL_TOKENS})
-    text = {k: v for k, v in TINY_CONFIG["text"].items() if k != "sliding_window"}
     config = Idefics3Config(
-        text_config={"model_type": "llama", **text, "vocab_size": len(tokenizer)},
+        text_config=text_config("llama", vocab_size=len(tokenizer)),
         vision_config={**TINY_CONFIG["vision"], "image_size": TINY_IDEFICS3_EDGE},
         scale_factor=2,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         tie_word_embeddings=False,
     )
-    torch.manual_seed(seed)
-    model = Idefics3ForConditionalGeneration(config)
-    end = tokenizer.convert_tokens_to_ids("<end_of_utterance>")
-    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=[2, end], pad_token_id=0)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    image_processor = Idefics3ImageProcessor(
+    image_processor = image_processor_class("Idefics3ImageProcessor")(
         do_image_splitting=False,
         size={"longest_edge": TINY_IDEFICS3_EDGE},
         max_image_size={"longest_edge": TINY_IDEFICS3_EDGE},
@@ -274,7 +295,8 @@ def build_tiny_idefics3(out_dir: Path, seed: int = 0) -> None:
     processor = Idefics3Processor(
         image_processor=image_processor, tokenizer=tokenizer, image_seq_len=16, chat_template=IDEFICS3_CHAT_TEMPLATE
     )
-    processor.save_pretrained(out_dir)
+    end = tokenizer.convert_tokens_to_ids("<end_of_utterance>")
+    save_random_model(Idefics3ForConditionalGeneration, config, processor, out_dir, seed, [2, end])
 
 
 # LLaVA-1.5's chat template (llava-hf/llava-1.5-7b-hf): "USER: <image>\n<text> ASSISTANT: <answer> ", with no end
@@ -294,38 +316,18 @@ TINY_LLAVA_EDGE = 112  # a page is resized and center-cropped to 112 x 112, as L
 def build_tiny_llava(out_dir: Path, seed: int = 0) -> None:
     """Save a randomly initialised tiny LLaVA-1.5 (a CLIP tower, a two-layer projector and a Llama decoder, with
     LLaVA's processor and chat template; the Mistral tokenizer with its <image> token) and its processor."""
-    import torch
-    from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-    from transformers.utils import is_torchvision_available
-
-    if is_torchvision_available():
-        from transformers import CLIPImageProcessor
-    else:
-        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     tokenizer = build_tokenizer()
-    text = {k: v for k, v in TINY_CONFIG["text"].items() if k != "sliding_window"}
-    vision = {k: TINY_CONFIG["vision"][k] for k in ("num_hidden_layers", "num_attention_heads", "patch_size")}
     config = LlavaConfig(
-        text_config={"model_type": "llama", **text},
-        vision_config={
-            "model_type": "clip_vision_model",
-            **vision,
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "projection_dim": 64,
-            "image_size": TINY_LLAVA_EDGE,
-        },
+        text_config=text_config("llama"),
+        vision_config=small_vision_config("clip_vision_model", TINY_LLAVA_EDGE, projection_dim=64),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_select_strategy="default",
         vision_feature_layer=-2,
         tie_word_embeddings=False,
     )
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
-    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    image_processor = CLIPImageProcessor(
+    image_processor = image_processor_class("CLIPImageProcessor")(
         size={"shortest_edge": TINY_LLAVA_EDGE}, crop_size={"height": TINY_LLAVA_EDGE, "width": TINY_LLAVA_EDGE}
     )
     processor = LlavaProcessor(
@@ -336,7 +338,7 @@ def build_tiny_llava(out_dir: Path, seed: int = 0) -> None:
         num_additional_image_tokens=1,  # CLIP's class token, which the "default" strategy drops
         chat_template=LLAVA_CHAT_TEMPLATE,
     )
-    processor.save_pretrained(out_dir)
+    save_random_model(LlavaForConditionalGeneration, config, processor, out_dir, seed, eos_token_id=2)
 
 
 TINY_PALIGEMMA_EDGE = 112  # a page is resized to 112 x 112, as PaliGemma's to 224, 448 or 896: 64 image tokens
@@ -346,45 +348,22 @@ def build_tiny_paligemma(out_dir: Path, seed: int = 0) -> None:
     """Save a randomly initialised tiny PaliGemma (a SigLIP tower, a linear projector and a Gemma decoder, with
     PaliGemma's processor, which adds its <image>, <locNNNN> and <segNNN> tokens; the Mistral tokenizer stands in for
     Gemma's, which no installed package ships) and its processor."""
-    import torch
-    from transformers import GenerationConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
-    from transformers.utils import is_torchvision_available
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 
-    if is_torchvision_available():
-        from transformers import SiglipImageProcessor
-    else:
-        from transformers import SiglipImageProcessorPil as SiglipImageProcessor
-
-    image_processor = SiglipImageProcessor(size={"height": TINY_PALIGEMMA_EDGE, "width": TINY_PALIGEMMA_EDGE})
+    image_processor = image_processor_class("SiglipImageProcessor")(
+        size={"height": TINY_PALIGEMMA_EDGE, "width": TINY_PALIGEMMA_EDGE}
+    )
     image_processor.image_seq_length = (TINY_PALIGEMMA_EDGE // TINY_CONFIG["vision"]["patch_size"]) ** 2
     processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=build_tokenizer())
-    tokenizer = processor.tokenizer
-    text = {k: v for k, v in TINY_CONFIG["text"].items() if k != "sliding_window"}
-    hidden = text["hidden_size"]
+    hidden, heads = TINY_CONFIG["text"]["hidden_size"], TINY_CONFIG["text"]["num_attention_heads"]
     config = PaliGemmaConfig(
-        text_config={
-            "model_type": "gemma",
-            **text,
-            "vocab_size": len(tokenizer),
-            "head_dim": hidden // text["num_attention_heads"],
-        },
-        vision_config={
-            "model_type": "siglip_vision_model",
-            **{k: TINY_CONFIG["vision"][k] for k in ("num_hidden_layers", "num_attention_heads", "patch_size")},
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "image_size": TINY_PALIGEMMA_EDGE,
-            "projection_dim": hidden,
-        },
+        text_config=text_config("gemma", vocab_size=len(processor.tokenizer), head_dim=hidden // heads),
+        vision_config=small_vision_config("siglip_vision_model", TINY_PALIGEMMA_EDGE, projection_dim=hidden),
         image_token_index=processor.image_token_id,
         projection_dim=hidden,
         hidden_size=hidden,
     )
-    torch.manual_seed(seed)
-    model = PaliGemmaForConditionalGeneration(config)
-    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    processor.save_pretrained(out_dir)
+    save_random_model(PaliGemmaForConditionalGeneration, config, processor, out_dir, seed, eos_token_id=2)
 
 
 # --------------------------------------------------------------------------------------------------------------
