@@ -65,6 +65,14 @@ def text_message(role: str, text: str) -> dict:
     return {"role": role, "content": [{"type": "text", "text": text}]}
 
 
+def question_of(row: dict, where: str) -> str:
+    """A question row's question, checked: non-empty text."""
+    question = row.get("question")
+    if not isinstance(question, str) or not question.strip():
+        raise UserError(f"{where}: the question is empty or not text. Check question_column.")
+    return question
+
+
 def pages_of(row: dict, where: str) -> list:
     """A row's pages as RGB images: `image` holds one page or a list of pages (a multi-page document)."""
     pages = row.get("image")
@@ -243,9 +251,7 @@ class DocVQACollator:
         if row.get("messages") is not None:
             turns = normalize_messages(row["messages"], where)
             return [*prompt_messages(row, self.prompt, pages), turns[-1]]
-        question = row.get("question")
-        if not isinstance(question, str) or not question.strip():
-            raise UserError(f"{where}: the question is empty or not text. Check question_column.")
+        question_of(row, where)
         answer = self.pick_answer(row.get("answers"), where).strip()
         return [*prompt_messages(row, self.prompt, pages), text_message("assistant", answer)]
 
@@ -254,9 +260,8 @@ class DocVQACollator:
         for row in rows:
             where = f"Row {row.get('row', '?')}"
             pages = pages_of(row, where)
-            question = row.get("question")
-            if row.get("messages") is None and (not isinstance(question, str) or not question.strip()):
-                raise UserError(f"{where}: the question is empty or not text. Check question_column.")
+            if row.get("messages") is None:  # prompt_text refuses a conversation with its own message
+                question_of(row, where)
             texts.append(prompt_text(self.processor, self.prompt, row, len(pages)))
             answers.append(self.pick_answer(row.get("answers"), where).strip())
             images.append(pages)

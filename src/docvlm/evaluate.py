@@ -35,16 +35,11 @@ def levenshtein(a: str, b: str) -> int:
     return previous[-1]
 
 
-def as_list(answers) -> list[str]:
-    """Gold answers as text (numbers converted), blanks dropped: what training reads as accepted answers."""
-    return as_answers(answers)
-
-
 def anls(prediction: str, answers, threshold: float = ANLS_THRESHOLD) -> float:
     """Max over gold answers of 1 - NL, where NL = Levenshtein / longer length; 0 when NL >= threshold."""
     pred = normalize(prediction)
     best = 0.0
-    for gold in map(normalize, as_list(answers)):
+    for gold in map(normalize, as_answers(answers)):
         longest = max(len(gold), len(pred))
         nl = levenshtein(gold, pred) / longest if longest else 0.0
         best = max(best, 1.0 - nl if nl < threshold else 0.0)
@@ -52,7 +47,7 @@ def anls(prediction: str, answers, threshold: float = ANLS_THRESHOLD) -> float:
 
 
 def exact_match(prediction: str, answers) -> float:
-    return float(normalize(prediction) in {normalize(a) for a in as_list(answers)})
+    return float(normalize(prediction) in {normalize(a) for a in as_answers(answers)})
 
 
 @torch.no_grad()
@@ -111,7 +106,7 @@ def question_only_baseline(train_questions, train_answers):
     by_question = defaultdict(Counter)
     overall = Counter()
     for question, answers in zip(train_questions, train_answers, strict=True):
-        answer = as_list(answers)[0] if as_list(answers) else ""
+        answer = as_answers(answers)[0] if as_answers(answers) else ""
         by_question[normalize(question)][answer] += 1
         overall[answer] += 1
     fallback = overall.most_common(1)[0][0] if overall else ""
@@ -252,7 +247,7 @@ def write_report(out_dir: Path, items: list[dict], summary: dict, meta: dict) ->
             "|---|---|" + "---|" * len(summary["systems"]),
         ]
         for item in examples:
-            cells = [item["question"], " / ".join(as_list(item["answers"]))] + [
+            cells = [item["question"], " / ".join(as_answers(item["answers"]))] + [
                 str(item.get(s, "")) for s in summary["systems"]
             ]
             lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 
-from docvlm.evaluate import as_list
+from docvlm.collator import as_answers
 
 ANSWER_SAMPLE = 2000  # answers are text only: cheap to tokenize
 
@@ -25,7 +25,7 @@ def long_answers(tokenizer, rows, max_new_tokens: int, sample: int = ANSWER_SAMP
     answers = rows.select_columns(["answers"]).select(indices)["answers"]
     too_long, longest = 0, 0
     for accepted in answers:
-        texts = as_list(accepted)
+        texts = as_answers(accepted)
         if not texts:
             continue
         shortest = min(len(tokenizer(text.strip(), add_special_tokens=False)["input_ids"]) + 1 for text in texts)
