@@ -289,7 +289,8 @@ def test_zero3_stores_the_4bit_weights_in_the_training_dtype_and_says_so(monkeyp
     assert model_args.bnb_4bit_quant_storage is None  # the recipe does not set it
     changes = prepare_recipe_for(ZERO3, model_args, training_args)
     assert changes == [
-        "bnb_4bit_quant_storage: bfloat16 (DeepSpeed ZeRO-3 splits the 4-bit weights in the compute dtype)"
+        "bnb_4bit_quant_storage: bfloat16 (DeepSpeed ZeRO-3 splits the 4-bit weights in the compute dtype)",
+        "vision_feature_cache: off (DeepSpeed ZeRO-3 splits the vision tower's weights across processes)",
     ]
     assert quantization_config(model_args, training_dtype(training_args)).bnb_4bit_quant_storage == torch.bfloat16
 

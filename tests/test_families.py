@@ -19,7 +19,9 @@ from docvlm.families import (
 
 
 def recipe(*extra):
-    _, model_args, training_args, _ = parse_recipe(["--config", "recipes/docvqa_qlora.yaml", *extra])
+    """docvqa_qlora without its feature cache (tests/test_vision_cache.py covers that switch), then `extra`."""
+    argv = ["--config", "recipes/docvqa_qlora.yaml", "--vision_feature_cache", "off", *extra]
+    _, model_args, training_args, _ = parse_recipe(argv)
     return model_args, training_args
 
 

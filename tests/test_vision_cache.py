@@ -3,6 +3,7 @@ whenever the tower or the page changes, a bounded and reported disk cache, and n
 disk."""
 
 import errno
+import re
 
 import numpy as np
 import pytest
@@ -60,7 +61,7 @@ def test_training_with_the_cache_gives_the_towers_loss_and_gradients(tiny_model_
     plain = loss_and_grads(model, batch)
     cache = FeatureCache("memory", None, tower_identity(tower), 2**30)
     patched(model, cache)
-    computed = loss_and_grads(model, batch)  # every page computed alone, unpadded, and stored
+    computed = loss_and_grads(model, batch)  # every page computed (in one tower call) and stored
     assert (cache.misses, cache.hits) == (4, 0)
     read = loss_and_grads(model, batch)  # every page read back
     assert (cache.misses, cache.hits) == (4, 4)
@@ -71,6 +72,34 @@ def test_training_with_the_cache_gives_the_towers_loss_and_gradients(tiny_model_
         reordered[key] = reordered[key][[2, 0]]
     loss_and_grads(model, reordered)
     assert (cache.misses, cache.hits) == (4, 6)
+    patched(model, None)
+
+
+def test_filling_before_training_stores_every_page_in_batches_with_a_progress_bar(tiny_model_and_processor, capsys):
+    from contextlib import nullcontext
+
+    from docvlm.vision_cache import fill_feature_cache
+
+    model, processor = tiny_model_and_processor
+    tower = patched(model, None)
+    plain = loss_and_grads(model, mixed_batch(processor))
+    cache = FeatureCache("memory", None, tower_identity(tower), 2**30)
+    patched(model, cache)
+    calls = []
+    tower_forward = tower.forward
+    tower.forward = lambda **kwargs: calls.append(kwargs["pixel_values"].shape[0]) or tower_forward(**kwargs)
+    rows = [{"row": i, "image": noisy_page(size, i)} for i, size in enumerate(SIZES)]
+    seconds = fill_feature_cache(model.get_base_model(), cache, rows, processor.image_processor, 3, 0, nullcontext())
+    assert calls == [3, 1]  # the pages of 3 rows in one tower call, then the last row's
+    assert (cache.misses, cache.hits, len(cache.memory)) == (4, 0, 4) and seconds == cache.fill_seconds > 0
+    assert "Vision feature cache: 100%" in capsys.readouterr().err  # the progress bar
+    del tower.forward
+    patched(model, cache)
+    assert_same(plain, loss_and_grads(model, mixed_batch(processor)))  # batched fill, then every page read
+    assert (cache.misses, cache.hits) == (4, 4)
+    fill_feature_cache(model.get_base_model(), cache, rows, processor.image_processor, 4, 0, nullcontext())
+    assert (cache.misses, cache.hits) == (4, 8)  # a second fill computes nothing
+    assert "filled before training in" in cache.summary()
     patched(model, None)
 
 
@@ -109,6 +138,8 @@ def test_the_disk_cache_is_shared_by_later_runs_bounded_and_reported(tmp_path):
     first = FeatureCache("disk", tmp_path, "tower-a" * 4, max_bytes=3 * size)
     for n in range(3):
         first.put(f"{n:02d}" + "k" * 62, features + n)
+    assert first.holds("01" + "k" * 62)  # being written, or written
+    first.flush()
     on_disk = sum(p.stat().st_size for p in tmp_path.rglob("*.safetensors"))
     assert first.stored_bytes == on_disk and 2 * size < on_disk < 3 * size  # the third is over the bound
     assert first.not_stored == 1
@@ -132,15 +163,16 @@ def test_a_full_disk_stops_with_what_to_do_and_leaves_no_partial_entry(tmp_path,
 
     monkeypatch.setattr(safetensors.torch, "save_file", fill_the_disk)
     cache = FeatureCache("disk", tmp_path, "tower" * 4, max_bytes=2**30)
+    cache.put("ab" * 32, torch.zeros(4, 4))  # written in the background: the error comes with the flush
     with pytest.raises(UserError, match=r"vision feature cache .* is full\. Free space there"):
-        cache.put("ab" * 32, torch.zeros(4, 4))
+        cache.flush()
     assert list(tmp_path.rglob("*")) == [p for p in tmp_path.rglob("*") if p.is_dir()]  # no file left behind
     assert cache.get("ab" * 32) is None
 
 
 def test_the_cache_is_refused_for_a_trained_tower_and_where_it_cannot_apply(tiny_model_and_processor, monkeypatch):
     from docvlm.config import parse_recipe
-    from docvlm.distributed import FSDP, refuse_unsupported_switches
+    from docvlm.distributed import ZERO3, prepare_recipe_for
     from docvlm.families import LLAVA, refuse_what_does_not_apply
 
     model, processor = tiny_model_and_processor
@@ -158,8 +190,10 @@ def test_the_cache_is_refused_for_a_trained_tower_and_where_it_cannot_apply(tiny
     _, model_args, training_args, _ = parse_recipe([*base, "--connector_lean_activations", "false"])
     with pytest.raises(UserError, match="vision_feature_cache is on in the recipe, but it does not apply to LLaVA"):
         refuse_what_does_not_apply(LLAVA, model_args, training_args)
-    with pytest.raises(UserError, match=f"vision_feature_cache is on under {FSDP}, which splits"):
-        refuse_unsupported_switches(FSDP, training_args)
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL", "true")  # as deepspeed_zero3.yaml sets
+    changes = prepare_recipe_for(ZERO3, model_args, training_args)  # the shipped recipes keep it on elsewhere
+    assert training_args.vision_feature_cache == "off"
+    assert f"vision_feature_cache: off ({ZERO3} splits the vision tower's weights across processes)" in changes
 
 
 def test_a_second_run_reads_what_the_first_computed_and_says_so(tmp_path, capsys):
@@ -171,5 +205,48 @@ def test_a_second_run_reads_what_the_first_computed_and_says_so(tmp_path, capsys
         argv = quick(tmp_path / f"run{n}", "--max_steps", "2", "--save_strategy", "no", "--eval_after_training")
         run([*argv, "false", "--vision_feature_cache", "disk", "--vision_feature_cache_dir", str(folder)])
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Vision feature cache")]
-    assert printed[0].startswith("Vision feature cache: 0 pages read, 8 computed")
-    assert printed[1].startswith("Vision feature cache: 8 pages read, 0 computed") and str(folder) in printed[1]
+    # the first run computes every training page before its first step, then reads them; the second computes none
+    counts = [re.match(r"Vision feature cache: (\d+) pages read, (\d+) computed", line).groups() for line in printed]
+    (read, computed), (read_again, computed_again) = [tuple(map(int, pair)) for pair in counts]
+    assert computed >= 8 and read == 8  # 2 steps of 4 pages, all read
+    assert computed_again == 0 and read_again == computed + 8 and str(folder) in printed[1]
+    assert "filled before training in" in printed[0]
+
+
+def padded_width(batch):
+    return batch["pixel_values"].shape[-1]
+
+
+def test_page_digests_made_with_the_batch_key_each_real_page_and_never_outlive_their_batch(tiny_model_and_processor):
+    from unittest import mock
+
+    from docvlm.trainer import DocVLMTrainer
+    from docvlm.vision_cache import PAGE_DIGESTS, page_digest, page_digests
+
+    _, processor = tiny_model_and_processor
+    batch = mixed_batch(processor)
+    digests = page_digests(batch["pixel_values"], batch["pixel_attention_mask"], 14)
+    assert len(set(digests)) == len(SIZES)  # one a page; the all-zero padding pages of a row are not pages
+    first = batch["pixel_values"][0, 0]
+    mask = batch["pixel_attention_mask"][0, 0].bool()
+    rows, cols = int(mask.any(1).sum()) // 14, int(mask.any(0).sum()) // 14
+    assert digests[0] == page_digest(first[None, :, : rows * 14, : cols * 14])  # the page cropped to whole patches
+    padded = batch["pixel_values"].clone()
+    assert page_digests(padded, None, 14)[0] != digests[0]  # without the mask the padding counts
+    assert cols * 14 < padded_width(batch)
+    padded[0, 0, :, :, cols * 14 :] = 0.5  # what lies beyond the real page is not part of it
+    assert page_digests(padded, batch["pixel_attention_mask"], 14)[0] == digests[0]
+
+    cache = FeatureCache("memory", None, "tower", 2**30)
+    trainer = DocVLMTrainer.__new__(DocVLMTrainer)  # only its input hand-off is exercised
+    trainer.feature_cache = cache
+    inputs = {"input_ids": torch.zeros(1, 2, dtype=torch.long), PAGE_DIGESTS: digests}
+    with mock.patch("transformers.Trainer._prepare_inputs", lambda self, given: given):
+        handed = trainer._prepare_inputs(dict(inputs))
+        assert PAGE_DIGESTS not in handed  # the model takes no such input
+        assert cache.take_digests(3) is None  # a tower call with another page count never uses them
+        trainer._prepare_inputs(dict(inputs))
+        trainer._prepare_inputs({"input_ids": inputs["input_ids"]})  # a batch without digests clears the last ones
+        assert cache.take_digests(len(digests)) is None
+        trainer._prepare_inputs(dict(inputs))
+        assert cache.take_digests(len(digests)) == digests and cache.take_digests(len(digests)) is None

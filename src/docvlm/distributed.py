@@ -81,6 +81,11 @@ def prepare_recipe_for(mode: str, model_args, training_args) -> list[str]:
                 f"bnb_4bit_quant_storage is {storage}, but under {mode} the 4-bit weights must be stored in the "
                 f"training dtype ({compute}): remove the key from the recipe (docvlm sets it) or set it to {compute}."
             )
+    if mode in WEIGHT_SHARDING and training_args.vision_feature_cache != "off":
+        # no process holds the whole tower, so none can name (hash) the tower that computed a cached page; the
+        # shipped recipes keep the cache on for one GPU and DDP, so it is turned off here, and said
+        training_args.vision_feature_cache = "off"
+        changes.append(f"vision_feature_cache: off ({mode} splits the vision tower's weights across processes)")
     if mode == ZERO3:
         # without it the Trainer saves DeepSpeed's shards instead, and the run folder holds no adapter
         config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
@@ -112,12 +117,6 @@ def refuse_unsupported_switches(mode: str, training_args) -> None:
             f"precision is {precision} (the recipe's `precision`, resolved for this GPU), but docvlm verified "
             f"{mode} with QLoRA in bf16 only. Use a GPU with bf16 (A100, H100, L4, RTX 30xx and newer) with "
             "precision: bf16, or accelerate_configs/multi_gpu.yaml, which supports every precision."
-        )
-    if mode in WEIGHT_SHARDING and training_args.vision_feature_cache != "off":
-        raise UserError(
-            f"vision_feature_cache is on under {mode}, which splits the vision tower's weights across processes: "
-            "no process can tell which tower computed a cached page. Use it with one GPU or "
-            "accelerate_configs/multi_gpu.yaml, or set vision_feature_cache: off."
         )
     if mode == FSDP and _on("FSDP_ACTIVATION_CHECKPOINTING") and training_args.gradient_checkpointing:
         raise UserError(

@@ -138,12 +138,16 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
             training_args.max_length,
             data_args.answer_choice,
             seed=training_args.seed,
+            page_digests_patch=model.config.vision_config.patch_size if feature_cache is not None else None,
         ),
         peft_config=lora_config(model_args),
         callbacks=callbacks,
         model_card=lambda: adapter_card(model_args, data_args, output_dir),
     )
     keep_trainable_fp32(trainer.model)
+    trainer.feature_cache = feature_cache  # its counts and fill time, for the summary and `make bench`
+    if feature_cache is not None:
+        fill_vision_cache(trainer, feature_cache, processor)
     if trainer.accelerator.is_main_process:
         print(f"Launch: {mode}" + "".join(f"\n  set for {mode}: {change}" for change in mode_changes))
         print(training_args.batch_summary())
@@ -207,6 +211,21 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
             print(f"Skipped {len(skipped)} bad row(s) before training (on_bad_example: skip); report.json lists them.")
         print(where_things_are(output_dir, training_args.report_to, page_hint=fixture))
     return trainer, metrics
+
+
+def fill_vision_cache(trainer, cache, processor) -> None:
+    """Every training page's frozen-tower features, computed in batches before the first step (each process its
+    share of the rows; in a disk cache, the others' shares are read from it as training goes)."""
+    from docvlm.vision_cache import fill_feature_cache
+
+    args, accelerator = trainer.args, trainer.accelerator
+    rows = trainer.train_dataset.shard(accelerator.num_processes, accelerator.process_index, contiguous=True)
+    model = accelerator.unwrap_model(trainer.model)
+    batch = args.per_device_train_batch_size
+    fill_feature_cache(
+        model, cache, rows, processor.image_processor, batch, args.dataloader_num_workers, accelerator.autocast()
+    )
+    accelerator.wait_for_everyone()
 
 
 def check_data_against_recipe(processor, train_rows, eval_rows, data_args, training_args, eval_args):

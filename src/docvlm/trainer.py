@@ -88,6 +88,19 @@ class DocVLMTrainer(SFTTrainer):
         base = base.get_base_model() if hasattr(base, "get_base_model") else base
         return "logits_to_keep" in inspect.signature(base.forward).parameters
 
+    feature_cache = None  # docvlm.vision_cache.FeatureCache, set by docvlm.train when the recipe turns it on
+
+    def _prepare_inputs(self, inputs):
+        """Hand the pages' digests (made by the collator) to the vision feature cache: the model takes no such
+        input. Called right before every forward, and always replacing the last batch's (None when a batch has
+        none), so digests never outlive their batch."""
+        from docvlm.vision_cache import PAGE_DIGESTS
+
+        digests = inputs.pop(PAGE_DIGESTS, None)
+        if self.feature_cache is not None:
+            self.feature_cache.expect(digests)
+        return super()._prepare_inputs(inputs)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if return_outputs or not self._answer_logits_only(inputs):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)

@@ -27,6 +27,37 @@ def _digest_tensor(digest, tensor: torch.Tensor, name: str = "") -> None:
     digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
 
 
+def page_digest(pixels: torch.Tensor) -> str:
+    """A digest of one page's pixels at its real size, as the processor made them (so its size and resizing)."""
+    digest = hashlib.sha256()
+    _digest_tensor(digest, pixels.float())
+    return digest.hexdigest()
+
+
+def page_digests(pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None, patch_size: int) -> list[str]:
+    """The digest of every real page of a processor batch, in the order the tower sees them: rows, then each row's
+    pages, without the all-zero pages that pad a row (the model drops those before its tower), each cropped to its
+    whole patches. Computed on the CPU where the batch is made (DataLoader workers), so that keys cost the
+    training loop no GPU transfer and no hashing."""
+    digests = []
+    for row in range(pixel_values.shape[0]):
+        for page in range(pixel_values.shape[1]):
+            pixels = pixel_values[row, page]
+            if not pixels.any():
+                continue
+            if pixel_attention_mask is None:
+                height, width = pixels.shape[-2:]
+            else:
+                mask = pixel_attention_mask[row, page].bool()
+                height, width = int(mask.any(dim=1).sum()), int(mask.any(dim=0).sum())
+            rows, cols = height // patch_size, width // patch_size
+            digests.append(page_digest(pixels[None, :, : rows * patch_size, : cols * patch_size]))
+    return digests
+
+
+PAGE_DIGESTS = "page_digests"  # the batch key that carries them from the collator to the cache
+
+
 def tower_identity(tower: torch.nn.Module) -> str:
     """A digest of the tower's weights (all of them, with dtype and shape): two towers share cached features only
     when they compute the same function."""
@@ -34,6 +65,9 @@ def tower_identity(tower: torch.nn.Module) -> str:
     for name, tensor in sorted(tower.state_dict().items()):
         _digest_tensor(digest, tensor, name)
     return digest.hexdigest()
+
+
+ENTRY_HEADER_BYTES = 256  # at least a one-tensor safetensors file's header (its JSON, padded to 8 bytes)
 
 
 class FeatureCache:
@@ -47,12 +81,27 @@ class FeatureCache:
         self.memory: dict[str, torch.Tensor] = {}
         self.folder = Path(folder) / identity[:16] if mode == "disk" else None
         self.hits = self.misses = self.not_stored = 0
+        self.filling, self.fill_seconds, self.fill_pages = False, None, 0  # fill_feature_cache
         self.stored_bytes = self._bytes_on_disk() if self.folder else 0
+        # Disk entries are written by a background thread while the GPU goes on; `writing` holds them until they
+        # are on disk, and flush() waits for them (and raises what a write raised, e.g. a full disk).
+        self.writing: dict[str, tuple] = {}
+        self._writer = None
 
     def key(self, pixels: torch.Tensor) -> str:
-        digest = hashlib.sha256(self.identity.encode())
-        _digest_tensor(digest, pixels)
-        return digest.hexdigest()
+        return self.key_of(page_digest(pixels))
+
+    def key_of(self, digest: str) -> str:
+        """The entry of a page (by its digest, see page_digests) for this tower."""
+        return hashlib.sha256(f"{self.identity}:{digest}".encode()).hexdigest()
+
+    def expect(self, digests: list[str] | None) -> None:
+        """The digests of the pages of the next tower call, computed with the batch in a DataLoader worker."""
+        self.next_digests = digests
+
+    def take_digests(self, pages: int) -> list[str] | None:
+        digests, self.next_digests = getattr(self, "next_digests", None), None
+        return digests if digests is not None and len(digests) == pages else None
 
     def _path(self, key: str) -> Path:
         return self.folder / key[:2] / f"{key}.safetensors"
@@ -62,9 +111,14 @@ class FeatureCache:
             return 0
         return sum(p.stat().st_size for p in self.folder.rglob("*.safetensors"))
 
+    def holds(self, key: str) -> bool:
+        return key in self.memory or key in self.writing or (self.folder is not None and self._path(key).exists())
+
     def get(self, key: str) -> torch.Tensor | None:
         found = self.memory.get(key)
-        if found is None and self.folder is not None and self._path(key).exists():
+        if found is None and key in self.writing:
+            found = self.writing[key][0]
+        elif found is None and self.folder is not None and self._path(key).exists():
             from safetensors.torch import load_file
 
             found = load_file(self._path(key))["features"]
@@ -75,16 +129,36 @@ class FeatureCache:
         return found
 
     def put(self, key: str, features: torch.Tensor) -> None:
-        features = features.detach().to("cpu").contiguous()
+        features = features.detach().to("cpu", copy=True).contiguous()  # never a view of the batch's tensor
         size = features.numel() * features.element_size()
+        if self.folder is not None:
+            size += ENTRY_HEADER_BYTES  # counted before the write, corrected to the file's size after it
         if self.stored_bytes + size > self.max_bytes:
             self.not_stored += 1  # over the recipe's bound: recomputed next time, never evicting silently
             return
+        self.stored_bytes += size
         if self.folder is None:
             self.memory[key] = features
-            self.stored_bytes += size
-        else:
-            self.stored_bytes += self._write(key, features)
+            return
+        self._raise_failed_writes()
+        if self._writer is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="docvlm-feature-cache")
+        self.writing[key] = (features, size, self._writer.submit(self._write, key, features))
+
+    def _raise_failed_writes(self, wait: bool = False) -> None:
+        for key, (_, size, future) in list(self.writing.items()):
+            if wait or future.done():
+                del self.writing[key]
+                self.stored_bytes += future.result() - size  # the size on disk, header included; raises errors
+
+    def flush(self) -> None:
+        """Wait until every entry is on disk; raises a write's error (a full disk: UserError)."""
+        try:
+            self._raise_failed_writes(wait=True)
+        finally:
+            self.writing.clear()
 
     def _write(self, key: str, features: torch.Tensor) -> int:
         """Write one entry whole; returns its size on disk."""
@@ -108,44 +182,153 @@ class FeatureCache:
             raise
 
     def summary(self) -> str:
+        self.flush()
         where = f"in {self.folder}" if self.folder else "in memory"
         line = f"Vision feature cache: {self.hits} pages read, {self.misses} computed, "
         line += f"{self.stored_bytes / 2**20:.1f} MiB {where}"
+        if self.fill_seconds is not None:
+            line += f"; filled before training in {self.fill_seconds:.1f} s"
         if self.not_stored:
             line += f"; {self.not_stored} pages not stored (over vision_feature_cache_max_gb)"
         return line + "."
 
 
-def real_extent(patch_mask: torch.Tensor) -> tuple[int, int]:
-    """Rows and columns of a page's real patches (its top-left rectangle of the padded patch grid)."""
-    return int(patch_mask.any(dim=1).sum()), int(patch_mask.any(dim=0).sum())
+def page_extents(patch_mask: torch.Tensor) -> list[tuple[int, int]]:
+    """Rows and columns of each page's real patches (its top-left rectangle of the padded patch grid), read from
+    the GPU in one transfer."""
+    rows = patch_mask.any(dim=2).sum(dim=1)
+    cols = patch_mask.any(dim=1).sum(dim=1)
+    return [tuple(extent) for extent in torch.stack([rows, cols], dim=1).tolist()]
+
+
+class PagesStored(Exception):
+    """Raised by the tower while the cache is being filled, once the batch's pages are stored: the rest of the
+    model (connector, text model) has nothing to add to the cache, so it does not run."""
+
+
+def _keys(cache: FeatureCache, pixel_values, extents, patch_size: int) -> list[str]:
+    """The batch's keys: from the digests its collator computed, or else hashed here from the tower's input (one
+    transfer for the batch; a page rounded to the tower's dtype has another key: a miss, never a wrong hit)."""
+    digests = cache.take_digests(len(extents))
+    if digests is not None:
+        return [cache.key_of(digest) for digest in digests]
+    pixels = pixel_values.detach().to("cpu")
+    crops = [pixels[page : page + 1, :, : h * patch_size, : w * patch_size] for page, (h, w) in enumerate(extents)]
+    return [cache.key(crop) for crop in crops]
+
+
+def _compute_and_store(compute, cache, pixel_values, patch_mask, extents, keys, pages, patch_size, **kwargs):
+    """Run the tower once on `pages` (indices into the batch), cropped to the largest of their extents, and store
+    each page's features at its real size; returns them by page index."""
+    rows = max(extents[page][0] for page in pages)
+    cols = max(extents[page][1] for page in pages)
+    pixels = pixel_values[pages, :, : rows * patch_size, : cols * patch_size]
+    hidden = compute(pixel_values=pixels, patch_attention_mask=patch_mask[pages, :rows, :cols], **kwargs)
+    hidden = hidden.last_hidden_state.view(len(pages), rows, cols, -1)
+    computed = {}
+    for index, page in enumerate(pages):
+        h, w = extents[page]
+        computed[page] = hidden[index, :h, :w].reshape(h * w, -1)
+        cache.put(keys[page], computed[page])
+    return computed
+
+
+def _full_mask(pixel_values, patch_size: int) -> torch.Tensor:
+    pages, _, height, width = pixel_values.shape
+    return torch.ones(pages, height // patch_size, width // patch_size, dtype=torch.bool, device=pixel_values.device)
 
 
 def cached_features(
-    original, cache: FeatureCache, pixel_values, patch_attention_mask=None, patch_size: int = 14, **kwargs
+    compute, cache: FeatureCache, pixel_values, patch_attention_mask=None, patch_size: int = 14, **kwargs
 ):
-    """The tower's last hidden state for a batch of pages, each page read from the cache or computed alone at its
-    real size and stored; padded positions are zeros (masked downstream, as the tower's own values there are)."""
+    """The tower's last hidden state for a batch of pages: each page read from the cache, or, for the pages not in
+    it, computed together in one call of `compute` (the tower) and stored; padded positions are zeros (masked
+    downstream, as the tower's own values there are)."""
     from transformers.modeling_outputs import BaseModelOutput
 
-    pages, _, height, width = pixel_values.shape
     if patch_attention_mask is None:
-        patch_attention_mask = torch.ones(
-            pages, height // patch_size, width // patch_size, dtype=torch.bool, device=pixel_values.device
-        )
+        patch_attention_mask = _full_mask(pixel_values, patch_size)
+    extents = page_extents(patch_attention_mask)
+    keys = _keys(cache, pixel_values, extents, patch_size)
+    features = {page: cache.get(key) for page, key in enumerate(keys)}
+    missing = [page for page, found in features.items() if found is None]
+    if missing:
+        args = (cache, pixel_values, patch_attention_mask, extents, keys, missing, patch_size)
+        features.update(_compute_and_store(compute, *args, **kwargs))
     rows, cols = patch_attention_mask.shape[1:]
     outputs = []
-    for page in range(pages):
-        h, w = real_extent(patch_attention_mask[page])
-        pixels = pixel_values[page : page + 1, :, : h * patch_size, : w * patch_size]
-        key = cache.key(pixels)
-        features = cache.get(key)
-        if features is None:
-            mask = torch.ones(1, h, w, dtype=torch.bool, device=pixel_values.device)
-            features = original(pixel_values=pixels, patch_attention_mask=mask, **kwargs).last_hidden_state[0]
-            cache.put(key, features)
-        features = features.to(device=pixel_values.device)
-        grid = features.new_zeros(rows, cols, features.shape[-1])
-        grid[:h, :w] = features.view(h, w, -1)
+    for page, (h, w) in enumerate(extents):
+        found = features[page].to(device=pixel_values.device)
+        grid = found.new_zeros(rows, cols, found.shape[-1])
+        grid[:h, :w] = found.view(h, w, -1)
         outputs.append(grid.view(rows * cols, -1))
     return BaseModelOutput(last_hidden_state=torch.stack(outputs))
+
+
+def store_features(compute, cache: FeatureCache, pixel_values, patch_attention_mask=None, patch_size: int = 14, **kw):
+    """Compute and store the features of the batch's pages that the cache does not hold yet (none is read back)."""
+    if patch_attention_mask is None:
+        patch_attention_mask = _full_mask(pixel_values, patch_size)
+    extents = page_extents(patch_attention_mask)
+    keys = _keys(cache, pixel_values, extents, patch_size)
+    missing = [page for page, key in enumerate(keys) if not cache.holds(key)]
+    cache.hits += len(keys) - len(missing)
+    cache.misses += len(missing)
+    if missing:
+        _compute_and_store(compute, cache, pixel_values, patch_attention_mask, extents, keys, missing, patch_size, **kw)
+    raise PagesStored
+
+
+class PageBatches:
+    """A DataLoader's collate function for filling the cache: rows to the processor's pixel values and pixel
+    masks, exactly as training batches them, without the text (which the tower never sees)."""
+
+    def __init__(self, image_processor, patch_size: int):
+        self.image_processor, self.patch_size = image_processor, patch_size
+
+    def __call__(self, rows: list[dict]) -> dict:
+        from docvlm.collator import pages_of
+
+        images = [pages_of(row, f"training row {row.get('row', '?')}") for row in rows]
+        batch = self.image_processor(images=images, return_tensors="pt")
+        batch = {key: batch[key] for key in ("pixel_values", "pixel_attention_mask") if key in batch}
+        batch[PAGE_DIGESTS] = page_digests(batch["pixel_values"], batch.get("pixel_attention_mask"), self.patch_size)
+        return batch
+
+
+def fill_feature_cache(model, cache: FeatureCache, rows, image_processor, batch_size: int, workers: int, context):
+    """Compute the features of every page of `rows` not in the cache yet, `batch_size` rows at a time, before
+    training starts, with a progress bar (on the main process); `context`: the training's autocast, so the
+    features are the ones a training step would compute. Returns the seconds it took."""
+    import time
+
+    from accelerate import PartialState
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    patch_size = model.config.vision_config.patch_size
+    collate = PageBatches(image_processor, patch_size)
+    loader = DataLoader(rows, batch_size=batch_size, collate_fn=collate, num_workers=workers)
+    started, computed, cache.filling = time.perf_counter(), cache.misses, True
+    try:
+        with (
+            torch.no_grad(),
+            context,
+            tqdm(
+                total=len(rows), desc="Vision feature cache", unit="row", disable=not PartialState().is_main_process
+            ) as bar,
+        ):
+            for batch in loader:
+                cache.expect(batch.pop(PAGE_DIGESTS))
+                inputs = {key: value.to(device) for key, value in batch.items()}
+                try:
+                    model.get_image_features(**inputs)
+                except PagesStored:
+                    pass
+                bar.update(len(batch["pixel_values"]))
+        cache.flush()  # a full disk stops here, before training
+    finally:
+        cache.filling = False
+    cache.fill_seconds, cache.fill_pages = time.perf_counter() - started, cache.misses - computed
+    return cache.fill_seconds

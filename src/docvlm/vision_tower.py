@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from docvlm.errors import UserError
-from docvlm.vision_cache import cached_features
+from docvlm.vision_cache import cached_features, store_features
 
 VISION_TOWER_NAMES = ("vision_model", "vision_tower", "visual")  # what transformers' VLMs call their encoder
 
@@ -68,7 +68,7 @@ def frozen_vision_without_grad(model, pages_per_chunk: int = 0, cache=None) -> b
 
     def forward(*args, **kwargs):
         frozen = not any(p.requires_grad for p in tower.parameters())
-        if cache is not None and torch.is_grad_enabled():
+        if cache is not None and (torch.is_grad_enabled() or cache.filling):
             if not frozen:
                 raise UserError(
                     "vision_feature_cache is on, but the vision tower is trained (its LoRA targets or "
@@ -76,8 +76,9 @@ def frozen_vision_without_grad(model, pages_per_chunk: int = 0, cache=None) -> b
                     "lora_target_regex / lora_target_modules, or set vision_feature_cache: off."
                 )
             if not args and not keeps_all_outputs(kwargs):
+                use = store_features if cache.filling else cached_features
                 with torch.no_grad():
-                    return cached_features(original, cache, patch_size=patch_size, **kwargs)
+                    return use(in_chunks, cache, patch_size=patch_size, **kwargs)
         if torch.is_grad_enabled() and frozen:
             with torch.no_grad():
                 if args:  # positional calls are passed through whole
