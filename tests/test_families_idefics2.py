@@ -105,3 +105,62 @@ def test_lean_rms_norm_and_gated_product_match_autograd(dtype):
     assert torch.equal(got, expected)
     for a, b in zip(torch.autograd.grad(got, [gate, up], grad), expected_grads, strict=True):
         assert torch.equal(a, b)  # the same kernels as autograd's, bit for bit
+
+
+@pytest.fixture(scope="module")
+def idefics2_8b_config():
+    from docvlm import tiny
+    from docvlm.bench import IDEFICS2_8B
+
+    return tiny.idefics2_config(IDEFICS2_8B)
+
+
+def shapes(tokens=0, causal_pairs=0, pages=0, patches=0, patch_pairs=0):
+    return dict(tokens=tokens, causal_pairs=causal_pairs, pages=pages, patches=patches, patch_pairs=patch_pairs)
+
+
+def test_the_decoders_flops_are_what_torch_counts_on_the_8b_architecture(idefics2_8b_config):
+    """The decoder on meta tensors (no memory, no compute): torch's FLOP counter sees its matmuls and full
+    attention forward; training is one more matmul a linear layer (input gradients only) and two an attention."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoModel
+
+    from docvlm.families.idefics2 import training_flops
+
+    with torch.device("meta"):
+        decoder = AutoModel.from_config(idefics2_8b_config.text_config, dtype=torch.bfloat16)
+    length = 96
+    with FlopCounterMode(display=False) as counter:
+        decoder(inputs_embeds=torch.zeros(1, length, 4096, device="meta", dtype=torch.bfloat16))
+    counts = {str(op): flops for op, flops in counter.get_flop_counts()["Global"].items()}
+    linear, attention = counts.pop("aten.mm"), counts.pop("aten.bmm")
+    assert not counts
+    # the counter counts the whole square of attention pairs: compare at that many pairs
+    counted = training_flops(idefics2_8b_config, shapes(tokens=length, causal_pairs=length**2), tower_runs=False)
+    assert counted == 2 * linear + 3 * attention
+
+
+def test_the_tower_and_connector_flops_are_what_torch_counts(idefics2_8b_config):
+    """A page of 6 x 5 patches through the 8B tower and connector (uninitialised CPU weights: only shapes count).
+    Torch's counter does not see attention on the CPU; attention is under 1% at this size."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import Idefics2Model
+
+    from docvlm.families.idefics2 import training_flops
+
+    with torch.device("meta"):
+        model = Idefics2Model(idefics2_8b_config)
+    tower, connector = model.vision_model.to_empty(device="cpu"), model.connector.to_empty(device="cpu")
+    rows, cols = 6, 5
+    mask = torch.ones(1, rows, cols, dtype=torch.bool)
+    with FlopCounterMode(display=False) as counter:
+        features = tower(pixel_values=torch.zeros(1, 3, rows * 14, cols * 14), patch_attention_mask=mask)
+        connector(features.last_hidden_state, attention_mask=mask.view(1, -1))
+    counts = counter.get_flop_counts()
+    tower_ops = sum(counts["Idefics2VisionTransformer"].values())
+    connector_ops = sum(counts["Idefics2Connector"].values())
+    page = shapes(pages=1, patches=rows * cols, patch_pairs=(rows * cols) ** 2)
+    cached = training_flops(idefics2_8b_config, page, tower_runs=False)
+    with_tower = training_flops(idefics2_8b_config, page, tower_runs=True)
+    assert cached / 2 == pytest.approx(connector_ops, rel=0.01)  # forward + input-gradient backward
+    assert with_tower - cached == pytest.approx(tower_ops, rel=0.01)  # forward only

@@ -19,6 +19,7 @@ import json
 import os
 import random
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -195,6 +196,25 @@ def step_timer(warmup: int, profile: bool = False, memory_profile: bool = False)
             self.data_wait, self.gc_pause, self.allocator = [], [], []
             self.gc_started, self.gc_in_step = None, 0.0
             self.resident, self.allocated_before, self.memory_sites = None, None, None
+            self.flops, self.shapes_in_step, self.flops_of = [], [], None
+
+        def count_flops(self, model, tower_runs: bool):
+            """Record each model call's real sizes (docvlm.flops.batch_shapes) to count the step's model FLOPs."""
+            from docvlm.families import family_of
+            from docvlm.flops import batch_shapes
+
+            family = family_of(model.config.model_type)
+            if family.training_flops is None:
+                return
+            config = model.config
+            self.flops_of = lambda shapes: family.training_flops(config, shapes, tower_runs)
+            patch = config.vision_config.patch_size
+
+            def record(module, args, kwargs):
+                if module.training and "attention_mask" in kwargs:
+                    self.shapes_in_step.append(batch_shapes(kwargs, patch))
+
+            model.register_forward_pre_hook(record, with_kwargs=True)
 
         def on_gc(self, phase, info):
             if phase == "start":
@@ -202,7 +222,8 @@ def step_timer(warmup: int, profile: bool = False, memory_profile: bool = False)
             elif self.gc_started is not None:
                 self.gc_in_step += time.perf_counter() - self.gc_started
 
-        def on_train_begin(self, args, state, control, **kwargs):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self.count_flops(model, getattr(args, "vision_feature_cache", "off") == "off")
             gc.collect()
             if cuda:
                 torch.cuda.empty_cache()  # what loading left cached is not training memory
@@ -229,6 +250,11 @@ def step_timer(warmup: int, profile: bool = False, memory_profile: bool = False)
             self.times.append(now - self.last)
             self.last = now
             self.gc_pause.append(self.gc_in_step)
+            if self.flops_of is not None:
+                from docvlm.flops import as_shapes
+
+                self.flops.append(sum(self.flops_of(as_shapes(s.tolist())) for s in self.shapes_in_step))
+                self.shapes_in_step = []
             self.gc_in_step = 0.0
             counts = allocator_counts()
             self.allocator.append({key: counts[key] - self.counts.get(key, 0) for key in counts})
@@ -277,6 +303,15 @@ def summarize(timer, warmup: int, samples_per_step: int) -> dict:
     }
     if timer.memory_sites:
         result["memory_at_peak"] = timer.memory_sites
+    if timer.flops:
+        from docvlm.flops import card_of
+
+        steady_flops = timer.flops[warmup:] if timer.times[warmup:] else timer.flops
+        result["tflop_per_step"] = sum(steady_flops) / len(steady_flops) / 1e12
+        result["achieved_tflops"] = sum(steady_flops) / sum(steady) / 1e12
+        card = card_of(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
+        if card is not None:
+            result["mfu"] = result["achieved_tflops"] / card.peak_tflops
     if torch.cuda.is_available():
         result.update(
             gpu=torch.cuda.get_device_name(),
@@ -431,6 +466,7 @@ def run_recipe(
     from docvlm import train
 
     name, *overrides = shlex.split(recipe)
+    features = tempfile.mkdtemp(prefix="bench-features-")
     argv = [
         "--config",
         f"recipes/{name}.yaml",
@@ -450,13 +486,21 @@ def run_recipe(
         "none",
         "--logging_steps",
         "1",
+        "--vision_feature_cache_dir",  # a fresh cache: every setup that uses one pays for filling it
+        features,
         *overrides,
     ]
     timer = step_timer(warmup, profile, memory_profile)
-    trainer, _ = train.run(argv, callbacks=[timer])
+    try:
+        trainer, _ = train.run(argv, callbacks=[timer])
+    finally:
+        shutil.rmtree(features, ignore_errors=True)  # ~8.7 MB a page: not left behind by every bench run
     args = trainer.args
     samples = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     result = summarize(timer, warmup, samples)
+    cache = getattr(trainer, "feature_cache", None)
+    if cache is not None and cache.fill_seconds is not None:
+        result["cache_fill_s"], result["cache_fill_pages"] = cache.fill_seconds, cache.fill_pages
     if check_reload:
         result["reload_max_logit_diff"] = reload_logit_difference(trainer, trainer.train_dataset)
     return result
@@ -472,10 +516,12 @@ def reload_logit_difference(trainer, rows, samples: int = 2) -> float | None:
     from docvlm.distributed import whole_model_loading
     from docvlm.export import load_for_inference
     from docvlm.modeling import autocast_for
+    from docvlm.vision_cache import PAGE_DIGESTS
 
     state = PartialState()
     batch = trainer.data_collator([rows[i] for i in range(samples)])
     batch.pop("labels", None)
+    batch.pop(PAGE_DIGESTS, None)  # the feature cache's, not the model's
     model = trainer.model.eval()
     with torch.no_grad(), autocast_for(model):
         before = model(**{k: v.to(state.device) for k, v in batch.items()}).logits.float()
@@ -503,31 +549,67 @@ def versions() -> dict:
     return {p: version(p) for p in ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate")}
 
 
+# The whole run the projection is for: the notebook's DocVQA subset, 1,000 training pages, 2 epochs.
+PROJECTED_PAGES, PROJECTED_EPOCHS = 1000, 2
+
+
+def projected_minutes(result: dict) -> float:
+    """Wall time of a whole run (PROJECTED_EPOCHS over PROJECTED_PAGES) at the measured speed, filling the feature
+    cache first where the setup uses one (at the measured seconds a page); start-up and evaluation left out."""
+    seconds = PROJECTED_EPOCHS * PROJECTED_PAGES / result["samples_per_s"]
+    if result.get("cache_fill_pages"):
+        seconds += PROJECTED_PAGES * result["cache_fill_s"] / result["cache_fill_pages"]
+    return seconds / 60
+
+
+def _number(key: str, digits: int = 2, scale: float = 1.0):
+    return lambda r, base: f"{r[key] * scale:.{digits}f}" if r.get(key) is not None else "-"
+
+
 def table(results: dict[str, dict]) -> str:
     """One row a setup. Speed is compared with the notebook's setup when it ran, else with the first setup (for
-    bench-multi: one GPU). Memory is the largest over the setup's GPUs."""
+    bench-multi: one GPU), per step and over a projected whole run. Memory is the largest over the setup's GPUs."""
     reference = "baseline" if "baseline" in results else next(iter(results), "")
-    base = results.get(reference, {}).get("samples_per_s")
-    reload = any("reload_max_logit_diff" in r for r in results.values())
-    header = f"| setup | processes | samples/s | s/step | vs {reference} | allocated at start GiB / GPU "
-    header += "| peak allocated GiB / GPU | peak reserved GiB / GPU | loss first → last |"
-    header += " reloaded adapter: max logit diff |" if reload else ""
-    lines = [header, "|---" * (10 if reload else 9) + "|"]
+    base = results.get(reference, {})
+
+    def ratio(r, _):
+        return f"{r['samples_per_s'] / base['samples_per_s']:.2f}x" if base.get("samples_per_s") else "-"
+
+    def fill(r, _):
+        return f"{r['cache_fill_s'] / r['cache_fill_pages']:.3f}" if r.get("cache_fill_pages") else "-"
+
+    def run_ratio(r, _):
+        if not base.get("samples_per_s"):
+            return "-"
+        return f"{projected_minutes(base) / projected_minutes(r):.2f}x"
+
+    def loss(r, _):
+        return f"{r['first_loss']:.3f} → {r['last_loss']:.3f}" if r.get("first_loss") is not None else "-"
+
+    columns = [
+        ("processes", lambda r, _: str(r.get("processes", 1))),
+        ("samples/s", _number("samples_per_s")),
+        ("s/step", _number("s_per_step")),
+        (f"vs {reference}", ratio),
+        ("TFLOP/s", _number("achieved_tflops", 1)),
+        ("MFU", _number("mfu", 1, 100.0)),
+        ("allocated at start GiB / GPU", _number("allocated_at_start_gib")),
+        ("peak allocated GiB / GPU", _number("peak_allocated_gib")),
+        ("peak reserved GiB / GPU", _number("peak_reserved_gib")),
+        ("cache fill s / page", fill),
+        (f"whole run min ({PROJECTED_EPOCHS} x {PROJECTED_PAGES} pages)", lambda r, _: f"{projected_minutes(r):.1f}"),
+        (f"whole run vs {reference}", run_ratio),
+        ("loss first → last", loss),
+    ]
+    if any("reload_max_logit_diff" in r for r in results.values()):
+        columns.append(("reloaded adapter: max logit diff", _number("reload_max_logit_diff", 4)))
+    lines = ["| setup | " + " | ".join(title for title, _ in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, r in results.items():
         if "error" in r:
-            lines.append(f"| {name} | | failed: {r['error']} | | | | | | |" + (" |" if reload else ""))
-            continue
-        start = f"{r['allocated_at_start_gib']:.2f}" if r.get("allocated_at_start_gib") is not None else "-"
-        ratio = f"{r['samples_per_s'] / base:.2f}x" if base else "-"
-        alloc = f"{r['peak_allocated_gib']:.2f}" if "peak_allocated_gib" in r else "-"
-        reserved = f"{r['peak_reserved_gib']:.2f}" if "peak_reserved_gib" in r else "-"
-        loss = f"{r['first_loss']:.3f} → {r['last_loss']:.3f}" if r["first_loss"] is not None else "-"
-        row = f"| {name} | {r.get('processes', 1)} | {r['samples_per_s']:.2f} | {r['s_per_step']:.2f} | {ratio} | "
-        row += f"{start} | {alloc} | {reserved} | {loss} |"
-        if reload:
-            diff = r.get("reload_max_logit_diff")
-            row += f" {diff:.4f} |" if diff is not None else " - |"
-        lines.append(row)
+            cells = [f"failed: {r['error']}"] + [""] * (len(columns) - 1)
+        else:
+            cells = [cell(r, base) for _, cell in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -602,7 +684,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--setups",
         nargs="+",
-        default=["baseline", "baseline-masked", "docvqa_qlora", "docvqa_qlora_lowmem", "docvqa_qlora_fast"],
+        default=[
+            "baseline",
+            "baseline-masked",
+            "docvqa_qlora",
+            "docvqa_qlora_lowmem",
+            "docvqa_qlora_fast",
+            "docvqa_qlora_hires",
+        ],
         help="'baseline' (the seed notebook), 'baseline-masked' (the same with our answer-only labels, whose "
         "loss curve is comparable with ours) or a recipe name, optionally with overrides in quotes, "
         'e.g. "docvqa_qlora --precision fp16", and optionally launched on several GPUs: '

@@ -53,6 +53,10 @@ class Family:
     # The family's own connector patches (model, ...) -> whether the model had the modules; None: not offered.
     lean_connector: Callable | None = None
     checkpoint_connector: Callable | None = None
+    # (config, batch shapes, tower_runs) -> model FLOPs of a training micro-batch; None: not counted (bench, plan)
+    training_flops: Callable | None = None
+    # `docvlm plan`'s memory and speed model, measured with `make bench`; None: plan predicts neither
+    plan_calibration: dict | None = None
 
     def end_of_turn_id(self, tokenizer) -> int:
         """The id that closes an assistant turn, checked against the tokenizer."""
@@ -104,6 +108,8 @@ IDEFICS2 = Family(
     end_of_turn="<end_of_utterance>",
     lean_connector=idefics2.lean_connector_activations,
     checkpoint_connector=idefics2.checkpoint_connector,
+    training_flops=idefics2.training_flops,
+    plan_calibration=idefics2.PLAN_CALIBRATION,
 )
 IDEFICS3 = Family(
     "Idefics3 / SmolVLM",

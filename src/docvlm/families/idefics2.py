@@ -133,3 +133,54 @@ def checkpoint_connector(model, pages_per_chunk: int = 1) -> bool:
 
     connector.forward = forward
     return True
+
+
+def training_flops(config, shapes: dict, tower_runs: bool = True) -> float:
+    """Model FLOPs of one training micro-batch of Idefics2, counted from the architecture and the batch's real
+    sizes (`docvlm.flops.batch_shapes`). The decoder and the connector run forward and backward: their base
+    weights are frozen, so a linear layer's backward is one matmul (the input gradient) and an attention's is two.
+    The frozen tower runs forward only, and not at all where a feature cache replaced it (`tower_runs`).
+    Recomputation by checkpointing is not counted (model FLOPs, not hardware FLOPs); LoRA's rank-8 matmuls and
+    the logits of the answer window are left out (under 1%)."""
+    text, vision, perceiver = config.text_config, config.vision_config, config.perceiver_config
+    d, heads = text.hidden_size, text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or d // heads
+    kv = text.num_key_value_heads * head_dim
+    layers = text.num_hidden_layers
+    linear = 2 * layers * (2 * d * heads * head_dim + 2 * d * kv + 3 * d * text.intermediate_size) * shapes["tokens"]
+    attention = 4 * heads * head_dim * layers * shapes["causal_pairs"]
+    # the connector: a gated projection of every patch to the decoder's width (gate and up in, down out), then a
+    # perceiver whose latents attend to each page's patches and to themselves
+    patches, latents = shapes["patches"], perceiver.resampler_n_latents * shapes["pages"]
+    linear += 2 * (2 * vision.hidden_size + d) * text.intermediate_size * patches
+    p_heads, p_dim, p_kv = perceiver.resampler_n_heads, perceiver.resampler_head_dim, perceiver.num_key_value_heads
+    per_layer = 2 * (2 * d * p_heads * p_dim) * latents  # the latents' queries and output
+    per_layer += 2 * (2 * d * p_kv * p_dim) * (patches + latents)  # keys and values of patches and latents
+    per_layer += 2 * 3 * d * 4 * d * latents  # the latents' MLP
+    linear += perceiver.resampler_depth * per_layer
+    attention += perceiver.resampler_depth * 4 * p_heads * p_dim * perceiver.resampler_n_latents * (patches + latents)
+    flops = 2 * linear + 3 * attention
+    if tower_runs:
+        dv, tower_layers = vision.hidden_size, vision.num_hidden_layers
+        flops += 2 * 3 * vision.patch_size**2 * dv * patches  # the patch embedding
+        flops += 2 * tower_layers * (4 * dv * dv + 2 * dv * vision.intermediate_size) * patches
+        flops += 4 * dv * tower_layers * shapes["patch_pairs"]
+    return float(flops)
+
+
+GIB = 2**30
+# `docvlm plan`'s memory and speed model of Idefics2-8B QLoRA training, calibrated on `make bench` runs L and M on
+# an H100 (docs/benchmarks.md, "Calibrating docvlm plan"; run N checks it). Activations are what a micro-batch adds
+# to the weights and optimizer state at its peak: the connector's for its largest chunk of pages (padded to the
+# batch's largest page), the checkpointed decoder's, and the batch's pages and features.
+PLAN_CALIBRATION = {
+    "connector_bytes_per_patch": 1.235 * GIB / 3780,  # a page of 70 x 54 patches: 1.235 GiB
+    "decoder_bytes_per_token": 0.02 * GIB / 220,  # checkpointed layers' inputs, all layers: ~0.02 GiB a row
+    "step_workspace_bytes": 0.10 * GIB,  # the answer window's logits, the loss, kernels' workspace
+    "reserved_over_activations": 1.2,  # the CUDA cache holds ~20% more than the activations at their peak
+    # step time: a fixed cost a micro-batch (host work, launches, syncs), then the model FLOPs at a fraction of the
+    # card's peak; nested quantization dequantizes twice (lowmem against docvqa_qlora at the same batch)
+    "seconds_per_micro_batch": 0.77,
+    "achieved_fraction_of_peak": 0.163,
+    "nested_quant_slowdown": 1.8,
+}
