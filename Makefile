@@ -23,7 +23,7 @@ ifndef HAS_GPU
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1073741824
 endif
 
-.PHONY: install train eval bench bench-multi bench-cpu test lint format clean
+.PHONY: install train eval plan bench bench-multi bench-cpu test lint format clean
 
 install: $(VENV)/.installed
 
@@ -40,6 +40,11 @@ train: install
 # Before/after ANLS on the recipe's held-out split (train runs it at the end unless eval_after_training: false).
 eval: install
 	$(BIN)/docvlm eval --config recipes/$(RECIPE).yaml $(if $(ADAPTER),--adapter $(ADAPTER)) $(ARGS)
+
+# No GPU: check the recipe and a sample of its data; predict peak memory and step time on GPU (default h100-80gb).
+GPU ?=
+plan: install
+	$(BIN)/docvlm plan --config recipes/$(RECIPE).yaml $(if $(GPU),--gpu $(GPU)) $(ARGS)
 
 # GPU: the notebook's setup against our recipes on Idefics2-8B's architecture (docs/benchmarks.md).
 bench: install

@@ -24,6 +24,8 @@ commands:
   merge     fold an adapter into 16-bit base weights: docvlm merge --adapter DIR --out DIR
   push      upload a run or merged folder to the Hub: docvlm push --folder DIR --repo_id you/name
   launch    `accelerate launch` with the same arguments, exiting with the job's status and no launcher traceback
+  plan      without a GPU: check a recipe and a sample of its data, predict peak memory and step time on a
+            card: docvlm plan --config <recipe> [--gpu t4-16gb]
   fixtures  build the offline tiny model and synthetic documents and print where they are;
             --export-pages DIR writes a few held-out pages as PNG files to try `predict` on
 
@@ -47,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     if command == "launch":
         return launch(rest)
     commands = {"eval": evaluate, "predict": predict, "merge": merge, "push": push, "fixtures": fixtures}
+    if command == "plan":
+        from docvlm.plan import main as plan_main
+
+        return plan_main(rest)
     if command not in commands:
         print(f"docvlm: unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
         return 2

@@ -1,0 +1,88 @@
+"""`docvlm plan` (docvlm.plan): the recipe and a data sample checked as training checks them, the sample measured,
+and peak memory predicted within 15% of what `make bench` measured on an H100."""
+
+import pytest
+
+from docvlm import plan
+
+# Peak reserved GiB measured by `make bench` run N on an H100 (docs/benchmarks.md), the recipes as shipped.
+MEASURED_PEAK_RESERVED_GIB = {"docvqa_qlora": 10.79, "docvqa_qlora_lowmem": 7.03, "docvqa_qlora_hires": 10.37}
+
+
+@pytest.fixture(scope="module")
+def idefics2_8b_folder(tmp_path_factory):
+    """Idefics2-8B's config and processor, no weights: all that plan reads."""
+    from docvlm import bench, tiny
+
+    folder = tmp_path_factory.mktemp("idefics2-8b-config")
+    tiny.idefics2_config(bench.IDEFICS2_8B).save_pretrained(folder)
+    tiny.build_processor(image_seq_len=64, shortest_edge=378, longest_edge=980).save_pretrained(folder)
+    return str(folder)
+
+
+def docvqa_rows(split_pages: bool) -> plan.SampleStats:
+    """Rows like the bench's DocVQA-sized pages (1700 x 2200 scans at the 980-pixel edge: 70 x 54 patches)."""
+    pages = 5 if split_pages else 1
+    rows = 16
+    return plan.SampleStats(
+        rows,
+        image_tokens=[64 * pages] * rows,
+        prompt_tokens=[24 + 4 * (pages > 1)] * rows,
+        answer_tokens=[6] * (rows - 1) + [11],
+        pages=[pages] * rows,
+        patches=[3780 * pages] * rows,
+        largest_page_patches=3780,
+    )
+
+
+@pytest.mark.parametrize("recipe", sorted(MEASURED_PEAK_RESERVED_GIB))
+def test_the_predicted_peak_is_within_15_percent_of_the_measured_one(recipe, idefics2_8b_folder):
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from docvlm.config import parse_recipe
+    from docvlm.families import IDEFICS2
+    from docvlm.flops import CARDS
+
+    _, model_args, training_args, _ = parse_recipe(
+        ["--config", f"recipes/{recipe}.yaml", "--model_name_or_path", idefics2_8b_folder]
+    )
+    config = AutoConfig.from_pretrained(idefics2_8b_folder)
+    with init_empty_weights():
+        skeleton = AutoModelForImageTextToText.from_config(config)
+    weights, params = plan.weight_bytes(skeleton, model_args)
+    assert params == pytest.approx(8.40e9, rel=0.01)
+    trainable = plan.trainable_parameters(skeleton, model_args)
+    assert trainable == 23_326_720  # the notebook's adapter (docs/benchmarks.md)
+    stats = docvqa_rows(split_pages=model_args.do_image_splitting)
+    nested = model_args.use_bnb_nested_quant
+    guess = plan.predict(config, training_args, stats, weights, trainable, CARDS["h100-80gb"], nested, IDEFICS2)
+    measured = MEASURED_PEAK_RESERVED_GIB[recipe]
+    assert abs(guess.peak_reserved_gib - measured) / measured < 0.15
+    assert guess.step_seconds > 0
+
+
+def test_plan_checks_measures_and_warns_when_a_run_will_not_fit(idefics2_8b_folder, capsys):
+    argv = ["--config", "recipes/docvqa_qlora.yaml", "--model_name_or_path", idefics2_8b_folder]
+    argv += ["--dataset_name", "docvlm:tiny-docs", "--sample", "4", "--gpu", "l4-24gb"]
+    assert plan.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "on L4 24GB" in out and "23.3 M trained" in out and "8.40 B parameters" in out
+    for section in ("image    mean", "prompt   mean", "answer   mean", "patches  mean", "optimizer steps", "cache "):
+        assert section in out
+    assert "fits" in out and "WILL NOT FIT" not in out and "s a step" in out
+    assert plan.main([*argv, "--per_device_train_batch_size", "64", "--connector_checkpointing", "false"]) == 0
+    assert "WILL NOT FIT" in capsys.readouterr().out
+
+
+def test_plan_stops_with_the_errors_training_gives(tmp_path, capsys):
+    from docvlm.errors import UserError
+    from docvlm.train import run
+
+    bad = ["--config", "recipes/tiny_docvqa.yaml", "--question_column", "no_such_column"]
+    with pytest.raises(UserError) as training_error:
+        run([*bad, "--output_dir", str(tmp_path / "out")])
+    assert plan.main(bad) == 2
+    assert str(training_error.value) in capsys.readouterr().err
+    assert plan.main(["--config", "recipes/tiny_docvqa.yaml", "--no_such_field", "1"]) == 2
+    assert "no_such_field" in capsys.readouterr().err
