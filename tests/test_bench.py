@@ -70,6 +70,19 @@ def test_bench_times_the_baselines_and_a_recipe(tmp_path, monkeypatch):
     assert "| baseline |" in text and "1.00x" in text and "Loss by step" in text and report["versions"]["torch"]
 
 
+def test_profiled_steps_run_after_the_timed_ones_and_say_where_the_host_waited(tmp_path, monkeypatch):
+    monkeypatch.setenv("DOCVLM_BENCH_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "bench"
+    argv = ["--model", "tiny", "--setups", RECIPE, "--steps", "1", "--warmup", "1", "--pages", "40", "--profile"]
+    assert bench.main([*argv, "--out", str(out)]) == 0
+    (result,) = json.loads((out / "bench.json").read_text())["results"].values()
+    assert len(result["step_times"]) == 1 + 1 + bench.PROFILED_STEPS  # warm-up, timed, profiled
+    assert result["steps_timed"] == 1  # the profiler's slower steps are not timed
+    profile = result["profile"]
+    assert profile["steps"] == bench.PROFILED_STEPS and profile["window_s"] > 0 and profile["host_waits"] > 0
+    assert any("docvlm/" in site["site"] or "transformers/" in site["site"] for site in profile["wait_sites"])
+
+
 def test_8b_bench_without_a_gpu_says_what_to_do(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert bench.main(["--setups", "baseline"]) == 2

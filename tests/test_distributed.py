@@ -326,8 +326,8 @@ def test_a_zero3_deepspeed_json_config_must_gather_the_adapter_when_saving(monke
     assert prepare_recipe_for(ZERO3, *recipes[1])  # accepted: it sets the 4-bit storage and says so
 
 
-def test_fsdp_refuses_a_4bit_model_and_zero_refuses_a_precision_it_was_not_verified_in():
-    from docvlm.distributed import FSDP, ZERO2, prepare_recipe_for, refuse_unsupported_switches
+def test_fsdp_refuses_a_4bit_model_and_other_modes_refuse_what_was_not_verified_in_them():
+    from docvlm.distributed import DDP, FSDP, SINGLE, ZERO2, prepare_recipe_for, refuse_unsupported_switches
     from docvlm.errors import UserError
 
     model_args, training_args = recipe_on_a_gpu("bf16")
@@ -337,6 +337,11 @@ def test_fsdp_refuses_a_4bit_model_and_zero_refuses_a_precision_it_was_not_verif
     with pytest.raises(UserError, match="precision is fp16 .* verified DeepSpeed ZeRO-2 with QLoRA in bf16 only"):
         refuse_unsupported_switches(ZERO2, fp16_args)
     refuse_unsupported_switches(ZERO2, training_args)  # bf16: allowed
+    training_args.compile_text_layers = True
+    for mode in (DDP, ZERO2, FSDP):
+        with pytest.raises(UserError, match=f"compile_text_layers is true, but .* not under {mode}"):
+            refuse_unsupported_switches(mode, training_args)
+    refuse_unsupported_switches(SINGLE, training_args)  # measured there
 
 
 def test_fsdp_refuses_two_kinds_of_activation_checkpointing(monkeypatch):

@@ -30,6 +30,20 @@ def test_connector_checkpointing_keeps_loss_and_gradients(tiny_model_path, tiny_
     assert_same(plain, chunked)
     assert not checkpoint_connector(torch.nn.Linear(2, 2))  # no connector: nothing to patch
 
+    # the projection page by page and the perceiver all 4 pages at once: the same loss and gradients
+    projected, perceived = [], []
+    connector.modality_projection.register_forward_pre_hook(lambda module, args: projected.append(args[0].shape[0]))
+    connector.perceiver_resampler.register_forward_pre_hook(
+        lambda module, args, kwargs: perceived.append(kwargs["context"].shape[0]), with_kwargs=True
+    )
+    connector.forward = original
+    assert checkpoint_connector(model.get_base_model(), pages_per_chunk=1, perceiver_pages=4)
+    split = loss_and_grads(model, batch)
+    # forward, then recomputed in the backward pass (pre-hooks: a recompute stops once it has what it needs)
+    assert projected == [1] * 8 and perceived == [4, 4]
+    assert_same(plain, split)
+    connector.forward = original
+
 
 def _saved_activation_bytes(module, *inputs, **kwargs) -> int:
     """Bytes of the activations autograd keeps for the backward pass of `module(...)`, each counted once (weights,

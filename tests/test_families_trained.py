@@ -206,7 +206,7 @@ def test_every_switch_keeps_loss_and_gradients_or_is_refused(name):
     model.enable_input_require_grads()  # as the Trainer does with gradient checkpointing and PEFT
     plain = loss_and_grads(model, batch)
     on = {"vision_tower_no_grad": "true", "vision_tower_pages": "2", "connector_checkpointing": "true"}
-    on.update(connector_lean_activations="true", vision_feature_cache="memory")
+    on.update(connector_lean_activations="true", vision_feature_cache="memory", compile_text_layers="true")
     for switch in MODULE_SWITCHES:
         argv = ["--config", recipe, *data, *off, f"--{switch}", on[switch]]
         if switch in ("vision_tower_pages", "vision_feature_cache"):  # both work through the frozen tower
@@ -224,4 +224,7 @@ def test_every_switch_keeps_loss_and_gradients_or_is_refused(name):
         apply_switches(spec.family, switched.get_base_model(), training_args)
         if switch.startswith("vision_"):  # patched, not silently left alone
             assert "forward" in vars(vision_tower(switched.get_base_model()))
+        if switch == "compile_text_layers":  # every decoder layer runs compiled code
+            layers = switched.get_base_model().model.text_model.layers
+            assert all(layer._compiled_call_impl is not None for layer in layers)
         assert_same(plain, loss_and_grads(switched, batch))

@@ -69,6 +69,14 @@ def test_keep_trainable_fp32_undoes_the_bf16_cast():
 def test_connector_checkpoint_pages_must_be_positive():
     with pytest.raises(UserError, match="connector_checkpoint_pages must be at least 1"):
         parse_recipe(["--config", "recipes/tiny_docvqa.yaml", "--connector_checkpoint_pages", "0"])
+    with pytest.raises(UserError, match="connector_perceiver_pages must be at least 1 or null"):
+        parse_recipe(["--config", "recipes/tiny_docvqa.yaml", "--connector_perceiver_pages", "0"])
+    tiny = ["--config", "recipes/tiny_docvqa.yaml", "--connector_checkpointing", "true"]
+    with pytest.raises(UserError, match=r"connector_perceiver_pages \(2\) is below connector_checkpoint_pages \(3\)"):
+        parse_recipe([*tiny, "--connector_checkpoint_pages", "3", "--connector_perceiver_pages", "2"])
+    with pytest.raises(UserError, match="connector_perceiver_pages is set, but connector_checkpointing is false"):
+        parse_recipe([*tiny, "--connector_checkpointing", "false", "--connector_perceiver_pages", "8"])
+    assert parse_recipe([*tiny, "--connector_perceiver_pages", "8"])[2].connector_perceiver_pages == 8
     with pytest.raises(UserError, match="vision_tower_pages must be 0"):
         parse_recipe(["--config", "recipes/tiny_docvqa.yaml", "--vision_tower_pages", "-1"])
 

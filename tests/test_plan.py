@@ -70,9 +70,13 @@ def test_plan_checks_measures_and_warns_when_a_run_will_not_fit(idefics2_8b_fold
     assert "on L4 24GB" in out and "23.3 M trained" in out and "8.40 B parameters" in out
     for section in ("image    mean", "prompt   mean", "answer   mean", "patches  mean", "optimizer steps", "cache "):
         assert section in out
-    assert "fits" in out and "WILL NOT FIT" not in out and "s a step" in out
+    assert "fits" in out and "WILL NOT FIT" not in out and "s a step" in out and "not modelled" not in out
     assert plan.main([*argv, "--per_device_train_batch_size", "64", "--connector_checkpointing", "false"]) == 0
     assert "WILL NOT FIT" in capsys.readouterr().out
+    assert plan.main([*argv, "--connector_perceiver_pages", "8"]) == 0  # said, not silently predicted as if unset
+    assert "not modelled: connector_perceiver_pages" in capsys.readouterr().out
+    assert plan.main([*argv, "--gradient_checkpointing", "false"]) == 0
+    assert "not modelled: gradient_checkpointing false" in capsys.readouterr().out
 
 
 def test_plan_stops_with_the_errors_training_gives(tmp_path, capsys):

@@ -75,6 +75,39 @@ def test_training_with_the_cache_gives_the_towers_loss_and_gradients(tiny_model_
     patched(model, None)
 
 
+def test_features_the_collator_reads_from_disk_give_the_towers_loss_and_gradients(tmp_path, tiny_model_and_processor):
+    """A DataLoader worker reads a batch's features from a disk cache and lays them out as the tower would: the
+    training process then reads no file, and the loss and LoRA gradients are the tower's."""
+    import pickle
+    from unittest import mock
+
+    from docvlm.vision_cache import PAGE_DIGESTS, PAGE_FEATURES
+
+    model, processor = tiny_model_and_processor
+    batch = mixed_batch(processor)
+    tower = patched(model, None)
+    plain = loss_and_grads(model, batch)
+    cache = FeatureCache("disk", tmp_path, tower_identity(tower), 2**30)
+    patched(model, cache)
+    keys = pickle.loads(pickle.dumps(cache.page_keys(14)))  # as a worker started by spawn receives it
+    assert PAGE_FEATURES not in keys(batch)  # nothing stored yet: the tower computes them in training
+    loss_and_grads(model, batch)
+    cache.flush()
+    made = keys(batch)
+    pages, features = batch["pixel_values"].shape[0], made[PAGE_FEATURES]
+    rows, cols = (side // 14 for side in batch["pixel_values"].shape[-2:])
+    assert features.shape[:2] == (pages, rows * cols) and len(made[PAGE_DIGESTS]) == pages
+    hits = cache.hits
+    cache.expect(made[PAGE_DIGESTS], features)
+    with mock.patch.object(FeatureCache, "get", side_effect=AssertionError("read a file in the training loop")):
+        read = loss_and_grads(model, batch)
+    assert cache.hits == hits + pages and cache.take_features(pages, rows * cols) is None  # used once
+    assert_same(plain, read)
+    other = mixed_batch(processor, seed=7)  # pages the cache has never seen: the worker hands over no features
+    assert PAGE_FEATURES not in keys(other) and len(keys(other)[PAGE_DIGESTS]) == pages
+    patched(model, None)
+
+
 def test_filling_before_training_stores_every_page_in_batches_with_a_progress_bar(tiny_model_and_processor, capsys):
     from contextlib import nullcontext
 
@@ -98,8 +131,8 @@ def test_filling_before_training_stores_every_page_in_batches_with_a_progress_ba
     assert_same(plain, loss_and_grads(model, mixed_batch(processor)))  # batched fill, then every page read
     assert (cache.misses, cache.hits) == (4, 4)
     fill_feature_cache(model.get_base_model(), cache, rows, processor.image_processor, 4, 0, nullcontext())
-    assert (cache.misses, cache.hits) == (4, 8)  # a second fill computes nothing
-    assert "filled before training in" in cache.summary()
+    assert (cache.misses, cache.hits, cache.held) == (4, 4, 4)  # a second fill computes and reads nothing
+    assert "4 found stored before training" in cache.summary() and "filled before training in" in cache.summary()
     patched(model, None)
 
 
@@ -209,7 +242,8 @@ def test_a_second_run_reads_what_the_first_computed_and_says_so(tmp_path, capsys
     counts = [re.match(r"Vision feature cache: (\d+) pages read, (\d+) computed", line).groups() for line in printed]
     (read, computed), (read_again, computed_again) = [tuple(map(int, pair)) for pair in counts]
     assert computed >= 8 and read == 8  # 2 steps of 4 pages, all read
-    assert computed_again == 0 and read_again == computed + 8 and str(folder) in printed[1]
+    assert computed_again == 0 and read_again == 8 and str(folder) in printed[1]
+    assert f"{computed} found stored before training" in printed[1]  # the fill found them all, and read none
     assert "filled before training in" in printed[0]
 
 
@@ -221,7 +255,7 @@ def test_page_digests_made_with_the_batch_key_each_real_page_and_never_outlive_t
     from unittest import mock
 
     from docvlm.trainer import DocVLMTrainer
-    from docvlm.vision_cache import PAGE_DIGESTS, page_digest, page_digests
+    from docvlm.vision_cache import PAGE_DIGESTS, PAGE_FEATURES, page_digest, page_digests
 
     _, processor = tiny_model_and_processor
     batch = mixed_batch(processor)
@@ -242,8 +276,11 @@ def test_page_digests_made_with_the_batch_key_each_real_page_and_never_outlive_t
     trainer.feature_cache = cache
     inputs = {"input_ids": torch.zeros(1, 2, dtype=torch.long), PAGE_DIGESTS: digests}
     with mock.patch("transformers.Trainer._prepare_inputs", lambda self, given: given):
+        features = torch.ones(len(digests), 6, 3)
+        handed = trainer._prepare_inputs({**inputs, PAGE_FEATURES: features})
+        assert PAGE_DIGESTS not in handed and PAGE_FEATURES not in handed  # the model takes no such input
+        assert cache.take_features(len(digests), 6) is features and cache.take_features(len(digests), 6) is None
         handed = trainer._prepare_inputs(dict(inputs))
-        assert PAGE_DIGESTS not in handed  # the model takes no such input
         assert cache.take_digests(3) is None  # a tower call with another page count never uses them
         trainer._prepare_inputs(dict(inputs))
         trainer._prepare_inputs({"input_ids": inputs["input_ids"]})  # a batch without digests clears the last ones

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from docvlm import bench_memory, tiny
+from docvlm import bench_memory, bench_profile, tiny
 
 SEED_INSTRUCTION = "Answer briefly."
 SEED_LORA_TARGETS = ".*(text_model|modality_projection|perceiver_resampler).*(down_proj|gate_proj|up_proj|k_proj|q_proj|v_proj|o_proj).*$"  # noqa: E501
@@ -168,7 +168,10 @@ def fixtures(model: str, pages: int) -> tuple[str, str]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def step_timer(warmup: int, profile: bool = False, memory_profile: bool = False):
+PROFILED_STEPS = 2  # run after the timed steps: the profiler slows the steps it records
+
+
+def step_timer(warmup: int, steps: int, profile: bool = False, memory_profile: bool = False):
     """A TrainerCallback that times optimizer steps after `warmup`, records the loss at every step, and, to explain
     a slow step, what each one spent waiting: for its batch (the Trainer fetches a step's batches before
     `on_step_begin`), in Python's garbage collector, and in CUDA allocator calls (segments created or freed,
@@ -192,7 +195,8 @@ def step_timer(warmup: int, profile: bool = False, memory_profile: bool = False)
 
     class StepTimer(TrainerCallback):
         def __init__(self):
-            self.times, self.losses, self.profiler = [], [], None
+            self.times, self.losses, self.profiler, self.profile = [], [], None, None
+            self.timed = slice(warmup, warmup + steps)
             self.data_wait, self.gc_pause, self.allocator = [], [], []
             self.gc_started, self.gc_in_step = None, 0.0
             self.resident, self.allocated_before, self.memory_sites = None, None, None
@@ -237,10 +241,11 @@ def step_timer(warmup: int, profile: bool = False, memory_profile: bool = False)
             self.data_wait.append(time.perf_counter() - self.last)
             if memory_profile and cuda and state.global_step == warmup:
                 self.allocated_before = bench_memory.start_recording()
-            if profile and state.global_step == warmup and self.profiler is None:
-                self.profiler = torch.profiler.profile(
-                    activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-                )
+            if profile and state.global_step == warmup + steps and self.profiler is None:
+                activities = [torch.profiler.ProfilerActivity.CPU]
+                if cuda:
+                    activities.append(torch.profiler.ProfilerActivity.CUDA)
+                self.profiler = torch.profiler.profile(activities=activities, with_stack=True)
                 self.profiler.__enter__()
 
         def on_step_end(self, args, state, control, **kwargs):
@@ -266,10 +271,12 @@ def step_timer(warmup: int, profile: bool = False, memory_profile: bool = False)
                 self.memory_sites = {"peak_gib": peak / 2**30, "sites": bench_memory.top_sites(live)}
                 rank = os.environ.get("RANK", "0")
                 print(f"[rank {rank}] " + bench_memory.format_sites(peak / 2**30, self.memory_sites["sites"]))
-            if self.profiler is not None and state.global_step == warmup + 2:
+            if self.profiler is not None and state.global_step == warmup + steps + PROFILED_STEPS:
                 self.profiler.__exit__(None, None, None)
                 sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
                 print(self.profiler.key_averages().table(sort_by=sort, row_limit=30), flush=True)
+                self.profile = bench_profile.summarize(self.profiler.events(), steps=PROFILED_STEPS)
+                print(bench_profile.format_summary(self.profile), flush=True)
                 self.profiler = None
 
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -283,10 +290,10 @@ def step_timer(warmup: int, profile: bool = False, memory_profile: bool = False)
     return StepTimer()
 
 
-def summarize(timer, warmup: int, samples_per_step: int) -> dict:
+def summarize(timer, samples_per_step: int) -> dict:
     import torch
 
-    steady = timer.times[warmup:] or timer.times
+    steady = timer.times[timer.timed] or timer.times
     s_per_step = sum(steady) / len(steady)
     result = {
         "steps_timed": len(steady),
@@ -303,10 +310,12 @@ def summarize(timer, warmup: int, samples_per_step: int) -> dict:
     }
     if timer.memory_sites:
         result["memory_at_peak"] = timer.memory_sites
+    if timer.profile:
+        result["profile"] = timer.profile
     if timer.flops:
         from docvlm.flops import card_of
 
-        steady_flops = timer.flops[warmup:] if timer.times[warmup:] else timer.flops
+        steady_flops = timer.flops[timer.timed] if timer.times[timer.timed] else timer.flops
         result["tflop_per_step"] = sum(steady_flops) / len(steady_flops) / 1e12
         result["achieved_tflops"] = sum(steady_flops) / sum(steady) / 1e12
         card = card_of(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
@@ -422,7 +431,7 @@ def run_baseline(
             param.data = param.data.float()
     args = TrainingArguments(
         output_dir=tempfile.mkdtemp(prefix="bench-baseline-"),
-        max_steps=warmup + steps,
+        max_steps=warmup + steps + (PROFILED_STEPS if profile else 0),
         per_device_train_batch_size=2,
         gradient_accumulation_steps=8,
         learning_rate=1e-4,
@@ -436,7 +445,7 @@ def run_baseline(
         report_to="none",
         seed=42,
     )
-    timer = step_timer(warmup, profile, memory_profile)
+    timer = step_timer(warmup, steps, profile, memory_profile)
     train = load_dataset(data_dir, split="train")
     trainer = Trainer(
         model=model,
@@ -446,7 +455,7 @@ def run_baseline(
         callbacks=[timer],
     )
     trainer.train()
-    result = summarize(timer, warmup, 16)
+    result = summarize(timer, 16)
     result["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return result
 
@@ -477,7 +486,7 @@ def run_recipe(
         "--output_dir",
         tempfile.mkdtemp(prefix=f"bench-{name}-"),
         "--max_steps",
-        str(warmup + steps),
+        str(warmup + steps + (PROFILED_STEPS if profile else 0)),
         "--eval_after_training",
         "false",
         "--save_strategy",
@@ -490,14 +499,14 @@ def run_recipe(
         features,
         *overrides,
     ]
-    timer = step_timer(warmup, profile, memory_profile)
+    timer = step_timer(warmup, steps, profile, memory_profile)
     try:
         trainer, _ = train.run(argv, callbacks=[timer])
     finally:
         shutil.rmtree(features, ignore_errors=True)  # ~8.7 MB a page: not left behind by every bench run
     args = trainer.args
     samples = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-    result = summarize(timer, warmup, samples)
+    result = summarize(timer, samples)
     cache = getattr(trainer, "feature_cache", None)
     if cache is not None and cache.fill_seconds is not None:
         result["cache_fill_s"], result["cache_fill_pages"] = cache.fill_seconds, cache.fill_pages
@@ -516,12 +525,12 @@ def reload_logit_difference(trainer, rows, samples: int = 2) -> float | None:
     from docvlm.distributed import whole_model_loading
     from docvlm.export import load_for_inference
     from docvlm.modeling import autocast_for
-    from docvlm.vision_cache import PAGE_DIGESTS
+    from docvlm.vision_cache import PAGE_DIGESTS, PAGE_FEATURES
 
     state = PartialState()
     batch = trainer.data_collator([rows[i] for i in range(samples)])
-    batch.pop("labels", None)
-    batch.pop(PAGE_DIGESTS, None)  # the feature cache's, not the model's
+    for key in ("labels", PAGE_DIGESTS, PAGE_FEATURES):  # the model takes none of them
+        batch.pop(key, None)
     model = trainer.model.eval()
     with torch.no_grad(), autocast_for(model):
         before = model(**{k: v.to(state.device) for k, v in batch.items()}).logits.float()
@@ -701,7 +710,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="optimizer steps run before timing starts")
     parser.add_argument("--pages", type=int, default=200, help="synthetic pages to render (each sample is one)")
     parser.add_argument("--out", default="outputs/bench", help="folder for bench.json and bench.md")
-    parser.add_argument("--profile", action="store_true", help="print a profiler table for two timed steps")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile two steps after the timed ones: print torch's operator table, how long the GPU was busy, the "
+        "kernel launches, and each place the host waited for the GPU (also in bench.json)",
+    )
     parser.add_argument(
         "--memory-profile",
         action="store_true",

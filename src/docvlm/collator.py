@@ -203,7 +203,7 @@ class DocVQACollator:
         max_length: int | None,
         answer_choice: str = "random",
         seed: int = 0,
-        page_digests_patch: int | None = None,
+        page_keys=None,
     ):
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -211,8 +211,9 @@ class DocVQACollator:
         self.max_length = max_length
         self.answer_choice = answer_choice
         self.rng = random.Random(seed)
-        # with a vision feature cache: each page's digest (its key there), computed here in the DataLoader workers
-        self.page_digests_patch = page_digests_patch
+        # with a vision feature cache (vision_cache.PageKeys): each page's digest (its key there), and features it
+        # holds, made here in the DataLoader workers
+        self.page_keys = page_keys
         self.family = family_of_processor(processor)
         self.end_of_turn_id = self.family.end_of_turn_id(self.tokenizer)
         # the placeholder the chat template writes per image, and the special tokens the processor may expand it to
@@ -235,11 +236,8 @@ class DocVQACollator:
         # No truncation: cutting image tokens breaks the model ("Image features and image tokens do not match").
         batch = self.processor(text=texts, images=images, padding=True, padding_side="right", return_tensors="pt")
         batch["labels"] = self._answer_labels(batch, conversations, texts, rows)
-        if self.page_digests_patch:
-            from docvlm.vision_cache import PAGE_DIGESTS, page_digests
-
-            mask = batch.get("pixel_attention_mask")
-            batch[PAGE_DIGESTS] = page_digests(batch["pixel_values"], mask, self.page_digests_patch)
+        if self.page_keys is not None:
+            batch.update(self.page_keys(batch))
         return batch
 
     def lengths(self, rows: list[dict]) -> list[int]:

@@ -203,12 +203,28 @@ class TrainConfig(SFTConfig):
             "kernels) but holds more memory in the recompute."
         },
     )
+    connector_perceiver_pages: int | None = field(
+        default=None,
+        metadata={
+            "help": "Pages the perceiver resampler recomputes together, when more than connector_checkpoint_pages "
+            "(null: the same chunks as the projection). The perceiver holds far less memory a page than the "
+            "projection and launches most of the connector's kernels."
+        },
+    )
     connector_lean_activations: bool = field(
         default=True,
         metadata={
             "help": "Keep fewer connector activations for the backward pass: RMSNorms keep their half-precision "
             "input, not an fp32 copy, and silu(gate)*up keeps only gate and up. Same outputs and gradients. "
             "A family without a perceiver connector refuses it: set it false there."
+        },
+    )
+    compile_text_layers: bool = field(
+        default=False,
+        metadata={
+            "help": "torch.compile each decoder layer: fewer, fused kernels around the 4-bit matmuls, where the "
+            "host cannot launch small kernels as fast as the GPU runs them. The first two steps compile (~50 s on an "
+            "8B model), so it pays on long runs only. Refused by families without it."
         },
     )
     vision_tower_no_grad: bool = field(
@@ -322,6 +338,20 @@ class TrainConfig(SFTConfig):
                 raise ValueError(f"{name} is {value}: it must be {fix}.")
         if self.connector_checkpoint_pages < 1:
             raise ValueError(f"connector_checkpoint_pages must be at least 1, got {self.connector_checkpoint_pages}.")
+        perceiver = self.connector_perceiver_pages
+        if perceiver is not None and perceiver < 1:
+            raise ValueError(f"connector_perceiver_pages must be at least 1 or null, got {perceiver}.")
+        if perceiver is not None and not self.connector_checkpointing:
+            raise ValueError(
+                "connector_perceiver_pages is set, but connector_checkpointing is false: it says how many pages the "
+                "perceiver recomputes together. Set connector_checkpointing: true, or connector_perceiver_pages: null."
+            )
+        if perceiver is not None and perceiver < self.connector_checkpoint_pages:
+            raise ValueError(
+                f"connector_perceiver_pages ({perceiver}) is below connector_checkpoint_pages "
+                f"({self.connector_checkpoint_pages}): the perceiver is recomputed in chunks of at least the "
+                "projection's. Raise it, or set it to null."
+            )
         if self.vision_feature_cache != "off" and not self.vision_tower_no_grad:
             raise ValueError(
                 "vision_feature_cache is on but vision_tower_no_grad is false: the cache replaces the frozen tower's "

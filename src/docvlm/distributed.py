@@ -118,6 +118,12 @@ def refuse_unsupported_switches(mode: str, training_args) -> None:
             f"{mode} with QLoRA in bf16 only. Use a GPU with bf16 (A100, H100, L4, RTX 30xx and newer) with "
             "precision: bf16, or accelerate_configs/multi_gpu.yaml, which supports every precision."
         )
+    if mode != SINGLE and training_args.compile_text_layers:
+        raise UserError(
+            f"compile_text_layers is true, but docvlm measured it in one process only, not under {mode} (whose "
+            "hooks gather, shard or reduce the weights the compiled layers read). Set compile_text_layers: false, "
+            "or launch one process."
+        )
     if mode == FSDP and _on("FSDP_ACTIVATION_CHECKPOINTING") and training_args.gradient_checkpointing:
         raise UserError(
             "gradient_checkpointing is true and the FSDP config also sets fsdp_activation_checkpointing: both "

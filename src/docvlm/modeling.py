@@ -185,11 +185,12 @@ def autocast_for(model):
     return torch.autocast("cuda", dtype=half)
 
 
-def check_lora_targets(args: ModelArguments, path: str, trust_remote_code: bool = False) -> None:
+def check_lora_targets(args: ModelArguments, path: str, trust_remote_code: bool = False, config=None):
     """Refuse, before any weight loads, LoRA targets that match no linear layer: peft finds out only after the
     (4-bit) model has loaded, and names target_modules even when the recipe set lora_target_regex. The module
-    names come from the model built on the meta device from its config (no weights, a few seconds), outside
-    ZeRO-3's partitioning, which cannot place meta tensors."""
+    names come from the model built on the meta device from its config (`config`, or read from `path`; no
+    weights, a few seconds), outside ZeRO-3's partitioning, which cannot place meta tensors. Returns that model
+    (`docvlm plan` counts its parameters), or None where there was nothing to check."""
     import re
 
     import torch
@@ -199,11 +200,12 @@ def check_lora_targets(args: ModelArguments, path: str, trust_remote_code: bool 
     from docvlm.distributed import whole_model_loading
 
     if not args.use_peft:
-        return
+        return None
     targets = args.lora_target_regex or args.lora_target_modules
     if targets is None or targets == "all-linear" or targets == ["all-linear"]:
-        return
-    config = AutoConfig.from_pretrained(path, revision=args.model_revision, trust_remote_code=trust_remote_code)
+        return None
+    if config is None:
+        config = AutoConfig.from_pretrained(path, revision=args.model_revision, trust_remote_code=trust_remote_code)
     with whole_model_loading(), init_empty_weights():
         skeleton = AutoModelForImageTextToText.from_config(config, trust_remote_code=trust_remote_code)
     linear = [name for name, module in skeleton.named_modules() if isinstance(module, torch.nn.Linear)]
@@ -217,3 +219,4 @@ def check_lora_targets(args: ModelArguments, path: str, trust_remote_code: bool 
         raise UserError(
             f"{key} matches no linear layer of {path}: {targets!r}. Its linear layers are named like: {examples}."
         )
+    return skeleton

@@ -48,10 +48,13 @@ class SampleStats:
     largest_page_patches: int  # the largest page's patch grid (pages are padded to it in a batch)
 
 
-def _describe(values: list[int]) -> str:
+def _p95(values: list[int]) -> int:
     ordered = sorted(values)
-    p95 = ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)]
-    return f"mean {statistics.fmean(values):7.1f} | p95 {p95:6d} | max {ordered[-1]:6d}"
+    return ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)]
+
+
+def _describe(values: list[int]) -> str:
+    return f"mean {statistics.fmean(values):7.1f} | p95 {_p95(values):6d} | max {max(values):6d}"
 
 
 def measure_sample(rows, processor, data_args, patch_size: int | None) -> SampleStats:
@@ -140,7 +143,7 @@ def predict(
     elif training_args.connector_checkpointing:
         chunk = min(pages, 1)
     tokens = [i + p + a for i, p, a in zip(stats.image_tokens, stats.prompt_tokens, stats.answer_tokens, strict=True)]
-    p95_tokens = sorted(tokens)[min(len(tokens) - 1, math.ceil(0.95 * len(tokens)) - 1)]
+    p95_tokens = _p95(tokens)
     calibrated = family.plan_calibration
     activations = calibrated["connector_bytes_per_patch"] * chunk * stats.largest_page_patches
     activations += calibrated["decoder_bytes_per_token"] * batch * p95_tokens + calibrated["step_workspace_bytes"]
@@ -181,7 +184,7 @@ def plan(argv: list[str]) -> int:
 
     from docvlm.config import parse_recipe
     from docvlm.data import load_splits
-    from docvlm.families import family_at, refuse_what_does_not_apply
+    from docvlm.families import family_of, refuse_what_does_not_apply
     from docvlm.hub import check_recipe_sources
     from docvlm.modeling import check_lora_targets, load_processor, model_path
     from docvlm.screen import screen_split
@@ -189,9 +192,11 @@ def plan(argv: list[str]) -> int:
     data_args, model_args, training_args, _ = parse_recipe(["--config", args.config, *rest])
     check_recipe_sources(model_args, data_args)
     path = model_path(model_args)
-    family = family_at(path, model_args.model_revision, training_args.trust_remote_code)
+    trust = training_args.trust_remote_code
+    config = AutoConfig.from_pretrained(path, revision=model_args.model_revision, trust_remote_code=trust)
+    family = family_of(config.model_type)
     refuse_what_does_not_apply(family, model_args, training_args)
-    check_lora_targets(model_args, path, training_args.trust_remote_code)
+    skeleton = check_lora_targets(model_args, path, trust, config=config)  # the meta-device model, when built
     train_rows, _ = load_splits(data_args, need_eval=False)
     processor = load_processor(model_args, path)
     every = max(1, len(train_rows) // args.sample)
@@ -200,11 +205,11 @@ def plan(argv: list[str]) -> int:
     if len(kept) == 0:
         raise UserError(f"Every sampled training row of {data_args.dataset_name} was skipped: see the problems above.")
 
-    config = AutoConfig.from_pretrained(path, revision=model_args.model_revision)
     vision = getattr(config, "vision_config", None)
     stats = measure_sample(kept, processor, data_args, getattr(vision, "patch_size", None))
-    with init_empty_weights():
-        skeleton = AutoModelForImageTextToText.from_config(config, trust_remote_code=training_args.trust_remote_code)
+    if skeleton is None:
+        with init_empty_weights():
+            skeleton = AutoModelForImageTextToText.from_config(config, trust_remote_code=trust)
     weights, params = weight_bytes(skeleton, model_args)
     trainable = trainable_parameters(skeleton, model_args)
 
@@ -261,6 +266,16 @@ def plan(argv: list[str]) -> int:
             lines.append(
                 "             lower per_device_train_batch_size (raise gradient_accumulation_steps), turn on "
                 "connector_checkpointing with fewer connector_checkpoint_pages, or pick a larger card."
+            )
+        if training_args.connector_checkpointing and training_args.connector_perceiver_pages:
+            lines.append(
+                "             not modelled: connector_perceiver_pages (measured on the 8B model at batch 16: 8 pages "
+                "+2.2 GiB, 16 pages +5.3 GiB; docs/benchmarks.md, run R)"
+            )
+        if not training_args.gradient_checkpointing:
+            lines.append(
+                "             not modelled: gradient_checkpointing false (measured on the 8B model at batch 16 "
+                "without connector checkpointing: +6.2 GiB; docs/benchmarks.md, runs N and R)"
             )
         if guess.step_seconds is not None:
             hours = guess.step_seconds * steps / 3600

@@ -89,7 +89,7 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
         training_dtype,
     )
     from docvlm.runs import StopRequests, check_output_dir, resolve_checkpoint
-    from docvlm.runtime import disable_cudnn_attention, use_expandable_segments
+    from docvlm.runtime import disable_cudnn_attention, freeze_garbage_after_first_step, use_expandable_segments
     from docvlm.screen import skip_summary
     from docvlm.trainer import DocVLMTrainer
 
@@ -138,7 +138,7 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
             training_args.max_length,
             data_args.answer_choice,
             seed=training_args.seed,
-            page_digests_patch=model.config.vision_config.patch_size if feature_cache is not None else None,
+            page_keys=feature_cache.page_keys(model.config.vision_config.patch_size) if feature_cache else None,
         ),
         peft_config=lora_config(model_args),
         callbacks=callbacks,
@@ -153,6 +153,8 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
         print(training_args.batch_summary())
         save_resolved_recipe(output_dir / "recipe.yaml", data_args, model_args, training_args, eval_args)
 
+    if training_args.compile_text_layers:
+        trainer.add_callback(freeze_garbage_after_first_step())
     stops = StopRequests()
     trainer.add_callback(stops.callback())
     with stops:

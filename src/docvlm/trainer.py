@@ -91,14 +91,14 @@ class DocVLMTrainer(SFTTrainer):
     feature_cache = None  # docvlm.vision_cache.FeatureCache, set by docvlm.train when the recipe turns it on
 
     def _prepare_inputs(self, inputs):
-        """Hand the pages' digests (made by the collator) to the vision feature cache: the model takes no such
-        input. Called right before every forward, and always replacing the last batch's (None when a batch has
-        none), so digests never outlive their batch."""
-        from docvlm.vision_cache import PAGE_DIGESTS
+        """Hand the pages' digests and any features read from disk (made by the collator) to the vision feature
+        cache: the model takes no such input. Called right before every forward, and always replacing the last
+        batch's (None when a batch has none), so they never outlive their batch."""
+        from docvlm.vision_cache import PAGE_DIGESTS, PAGE_FEATURES
 
-        digests = inputs.pop(PAGE_DIGESTS, None)
+        digests, features = inputs.pop(PAGE_DIGESTS, None), inputs.pop(PAGE_FEATURES, None)
         if self.feature_cache is not None:
-            self.feature_cache.expect(digests)
+            self.feature_cache.expect(digests, features)
         return super()._prepare_inputs(inputs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -34,12 +34,12 @@ def page_digest(pixels: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
-def page_digests(pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None, patch_size: int) -> list[str]:
-    """The digest of every real page of a processor batch, in the order the tower sees them: rows, then each row's
-    pages, without the all-zero pages that pad a row (the model drops those before its tower), each cropped to its
-    whole patches. Computed on the CPU where the batch is made (DataLoader workers), so that keys cost the
-    training loop no GPU transfer and no hashing."""
-    digests = []
+def page_entries(pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None, patch_size: int):
+    """(digest, patch rows, patch columns) of every real page of a processor batch, in the order the tower sees
+    them: rows, then each row's pages, without the all-zero pages that pad a row (the model drops those before its
+    tower), each cropped to its whole patches. Computed on the CPU where the batch is made (DataLoader workers), so
+    that keys cost the training loop no GPU transfer and no hashing."""
+    entries = []
     for row in range(pixel_values.shape[0]):
         for page in range(pixel_values.shape[1]):
             pixels = pixel_values[row, page]
@@ -51,11 +51,60 @@ def page_digests(pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor 
                 mask = pixel_attention_mask[row, page].bool()
                 height, width = int(mask.any(dim=1).sum()), int(mask.any(dim=0).sum())
             rows, cols = height // patch_size, width // patch_size
-            digests.append(page_digest(pixels[None, :, : rows * patch_size, : cols * patch_size]))
-    return digests
+            entries.append((page_digest(pixels[None, :, : rows * patch_size, : cols * patch_size]), rows, cols))
+    return entries
+
+
+def page_digests(pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None, patch_size: int) -> list[str]:
+    """The digest of every real page of a processor batch (see page_entries)."""
+    return [digest for digest, _, _ in page_entries(pixel_values, pixel_attention_mask, patch_size)]
 
 
 PAGE_DIGESTS = "page_digests"  # the batch key that carries them from the collator to the cache
+PAGE_FEATURES = "page_features"  # the batch key that carries features read by the collator from a disk cache
+
+
+def entry_key(identity: str, digest: str) -> str:
+    """The entry of a page (by its digest, see page_entries) for a tower (by its identity, see tower_identity)."""
+    return hashlib.sha256(f"{identity}:{digest}".encode()).hexdigest()
+
+
+def entry_path(folder: Path, key: str) -> Path:
+    return folder / key[:2] / f"{key}.safetensors"
+
+
+class PageKeys:
+    """What the collator adds to a training batch for the cache, in the DataLoader workers: each page's digest
+    and, where a disk cache (`folder`, a tower's entries) holds every page of the batch, their features, read and
+    laid out in the batch's padded patch grid as the tower's output is. The training loop then neither hashes
+    pixels nor reads files: it copies one pinned tensor to the GPU without waiting for it."""
+
+    def __init__(self, patch_size: int, folder: Path | None = None, identity: str | None = None):
+        self.patch_size, self.folder, self.identity = patch_size, folder, identity
+
+    def __call__(self, batch) -> dict:
+        pixel_values = batch["pixel_values"]
+        entries = page_entries(pixel_values, batch.get("pixel_attention_mask"), self.patch_size)
+        keys = {PAGE_DIGESTS: [digest for digest, _, _ in entries]}
+        features = self.read(entries, pixel_values.shape[-2:]) if self.folder is not None and entries else None
+        if features is not None:
+            keys[PAGE_FEATURES] = features
+        return keys
+
+    def read(self, entries, size) -> torch.Tensor | None:
+        """The pages' features in a zero-padded (pages, patch rows x columns, width) tensor; None unless the
+        cache holds every page (the tower then computes the missing ones in the training process)."""
+        from safetensors.torch import load_file
+
+        paths = [entry_path(self.folder, entry_key(self.identity, digest)) for digest, _, _ in entries]
+        if not all(path.exists() for path in paths):
+            return None
+        found = [load_file(path)["features"] for path in paths]
+        rows, cols = (side // self.patch_size for side in size)
+        grid = found[0].new_zeros(len(found), rows, cols, found[0].shape[-1])
+        for page, (features, (_, h, w)) in enumerate(zip(found, entries, strict=True)):
+            grid[page, :h, :w] = features.view(h, w, -1)
+        return grid.view(len(found), rows * cols, -1)
 
 
 def tower_identity(tower: torch.nn.Module) -> str:
@@ -80,7 +129,7 @@ class FeatureCache:
         self.mode, self.identity, self.max_bytes = mode, identity, max_bytes
         self.memory: dict[str, torch.Tensor] = {}
         self.folder = Path(folder) / identity[:16] if mode == "disk" else None
-        self.hits = self.misses = self.not_stored = 0
+        self.hits = self.misses = self.not_stored = self.held = 0  # held: found stored while filling
         self.filling, self.fill_seconds, self.fill_pages = False, None, 0  # fill_feature_cache
         self.stored_bytes = self._bytes_on_disk() if self.folder else 0
         # Disk entries are written by a background thread while the GPU goes on; `writing` holds them until they
@@ -92,19 +141,27 @@ class FeatureCache:
         return self.key_of(page_digest(pixels))
 
     def key_of(self, digest: str) -> str:
-        """The entry of a page (by its digest, see page_digests) for this tower."""
-        return hashlib.sha256(f"{self.identity}:{digest}".encode()).hexdigest()
+        return entry_key(self.identity, digest)
 
-    def expect(self, digests: list[str] | None) -> None:
-        """The digests of the pages of the next tower call, computed with the batch in a DataLoader worker."""
-        self.next_digests = digests
+    def page_keys(self, patch_size: int) -> PageKeys:
+        """The collator's part: digests, and for a disk cache the features of batches it holds whole."""
+        return PageKeys(patch_size, self.folder, self.identity)
+
+    def expect(self, digests: list[str] | None, features: torch.Tensor | None = None) -> None:
+        """The digests (and, read from disk, the features) of the pages of the next tower call, made with the batch
+        in a DataLoader worker."""
+        self.next_digests, self.next_features = digests, features
 
     def take_digests(self, pages: int) -> list[str] | None:
         digests, self.next_digests = getattr(self, "next_digests", None), None
         return digests if digests is not None and len(digests) == pages else None
 
+    def take_features(self, pages: int, cells: int) -> torch.Tensor | None:
+        features, self.next_features = getattr(self, "next_features", None), None
+        return features if features is not None and tuple(features.shape[:2]) == (pages, cells) else None
+
     def _path(self, key: str) -> Path:
-        return self.folder / key[:2] / f"{key}.safetensors"
+        return entry_path(self.folder, key)
 
     def _bytes_on_disk(self) -> int:
         if not self.folder.exists():
@@ -185,6 +242,8 @@ class FeatureCache:
         self.flush()
         where = f"in {self.folder}" if self.folder else "in memory"
         line = f"Vision feature cache: {self.hits} pages read, {self.misses} computed, "
+        if self.held:
+            line += f"{self.held} found stored before training, "
         line += f"{self.stored_bytes / 2**20:.1f} MiB {where}"
         if self.fill_seconds is not None:
             line += f"; filled before training in {self.fill_seconds:.1f} s"
@@ -233,23 +292,31 @@ def _compute_and_store(compute, cache, pixel_values, patch_mask, extents, keys, 
     return computed
 
 
-def _full_mask(pixel_values, patch_size: int) -> torch.Tensor:
-    pages, _, height, width = pixel_values.shape
-    return torch.ones(pages, height // patch_size, width // patch_size, dtype=torch.bool, device=pixel_values.device)
+def _batch_keys(cache: FeatureCache, pixel_values, patch_attention_mask, patch_size: int):
+    """The tower call's patch mask (all patches where it has none), each page's extent and each page's key."""
+    if patch_attention_mask is None:
+        pages, _, height, width = pixel_values.shape
+        grid = (pages, height // patch_size, width // patch_size)
+        patch_attention_mask = torch.ones(grid, dtype=torch.bool, device=pixel_values.device)
+    extents = page_extents(patch_attention_mask)
+    return patch_attention_mask, extents, _keys(cache, pixel_values, extents, patch_size)
 
 
 def cached_features(
     compute, cache: FeatureCache, pixel_values, patch_attention_mask=None, patch_size: int = 14, **kwargs
 ):
-    """The tower's last hidden state for a batch of pages: each page read from the cache, or, for the pages not in
-    it, computed together in one call of `compute` (the tower) and stored; padded positions are zeros (masked
-    downstream, as the tower's own values there are)."""
+    """The tower's last hidden state for a batch of pages: as the collator read them from a disk cache, or else
+    each page read from the cache, or, for the pages not in it, computed together in one call of `compute` (the
+    tower) and stored; padded positions are zeros (masked downstream, as the tower's own values there are)."""
     from transformers.modeling_outputs import BaseModelOutput
 
-    if patch_attention_mask is None:
-        patch_attention_mask = _full_mask(pixel_values, patch_size)
-    extents = page_extents(patch_attention_mask)
-    keys = _keys(cache, pixel_values, extents, patch_size)
+    pages, _, height, width = pixel_values.shape
+    given = cache.take_features(pages, (height // patch_size) * (width // patch_size))
+    if given is not None:
+        cache.take_digests(pages)  # they go with their batch
+        cache.hits += pages
+        return BaseModelOutput(last_hidden_state=given.to(pixel_values.device, non_blocking=True))
+    patch_attention_mask, extents, keys = _batch_keys(cache, pixel_values, patch_attention_mask, patch_size)
     features = {page: cache.get(key) for page, key in enumerate(keys)}
     missing = [page for page, found in features.items() if found is None]
     if missing:
@@ -267,12 +334,9 @@ def cached_features(
 
 def store_features(compute, cache: FeatureCache, pixel_values, patch_attention_mask=None, patch_size: int = 14, **kw):
     """Compute and store the features of the batch's pages that the cache does not hold yet (none is read back)."""
-    if patch_attention_mask is None:
-        patch_attention_mask = _full_mask(pixel_values, patch_size)
-    extents = page_extents(patch_attention_mask)
-    keys = _keys(cache, pixel_values, extents, patch_size)
+    patch_attention_mask, extents, keys = _batch_keys(cache, pixel_values, patch_attention_mask, patch_size)
     missing = [page for page, key in enumerate(keys) if not cache.holds(key)]
-    cache.hits += len(keys) - len(missing)
+    cache.held += len(keys) - len(missing)
     cache.misses += len(missing)
     if missing:
         _compute_and_store(compute, cache, pixel_values, patch_attention_mask, extents, keys, missing, patch_size, **kw)

@@ -24,6 +24,7 @@ MODULE_SWITCHES = {
     "connector_checkpointing": lambda args: bool(args.connector_checkpointing),
     "connector_lean_activations": lambda args: bool(args.connector_lean_activations),
     "vision_feature_cache": lambda args: args.vision_feature_cache != "off",
+    "compile_text_layers": lambda args: bool(args.compile_text_layers),
 }
 OFF = {"vision_tower_pages": "0", "vision_feature_cache": "off"}  # the recipe value that turns a switch off
 # Processor options a recipe can set (ModelArguments), with the value that means "set".
@@ -53,6 +54,7 @@ class Family:
     # The family's own connector patches (model, ...) -> whether the model had the modules; None: not offered.
     lean_connector: Callable | None = None
     checkpoint_connector: Callable | None = None
+    compile_text_layers: Callable | None = None
     # (config, batch shapes, tower_runs) -> model FLOPs of a training micro-batch; None: not counted (bench, plan)
     training_flops: Callable | None = None
     # `docvlm plan`'s memory and speed model, measured with `make bench`; None: plan predicts neither
@@ -108,6 +110,7 @@ IDEFICS2 = Family(
     end_of_turn="<end_of_utterance>",
     lean_connector=idefics2.lean_connector_activations,
     checkpoint_connector=idefics2.checkpoint_connector,
+    compile_text_layers=idefics2.compile_text_layers,
     training_flops=idefics2.training_flops,
     plan_calibration=idefics2.PLAN_CALIBRATION,
 )
@@ -216,7 +219,10 @@ def apply_switches(family: Family, model, training_args):
         raise UserError(f"vision_tower_no_grad is true, but this {family.name} model has no vision tower to skip.")
     if args.connector_lean_activations and not (family.lean_connector and family.lean_connector(model)):
         raise UserError(f"connector_lean_activations is true, but this {family.name} model has no connector.")
-    pages = args.connector_checkpoint_pages
-    if args.connector_checkpointing and not (family.checkpoint_connector and family.checkpoint_connector(model, pages)):
+    checkpoint = family.checkpoint_connector
+    pages, perceiver = args.connector_checkpoint_pages, args.connector_perceiver_pages
+    if args.connector_checkpointing and not (checkpoint and checkpoint(model, pages, perceiver)):
         raise UserError(f"connector_checkpointing is true, but this {family.name} model has no connector.")
+    if args.compile_text_layers and not (family.compile_text_layers and family.compile_text_layers(model)):
+        raise UserError(f"compile_text_layers is true, but this {family.name} model has no decoder layers.")
     return cache

@@ -99,7 +99,7 @@ def _lean_gated_mlp(mlp):
     return _when_training(mlp, forward)
 
 
-def checkpoint_connector(model, pages_per_chunk: int = 1) -> bool:
+def checkpoint_connector(model, pages_per_chunk: int = 1, perceiver_pages: int | None = None) -> bool:
     """Recompute an Idefics2-style connector in the backward pass, `pages_per_chunk` pages at a time, instead of
     keeping its activations; returns whether the model has a connector to patch.
 
@@ -109,6 +109,11 @@ def checkpoint_connector(model, pages_per_chunk: int = 1) -> bool:
     recomputes one chunk at a time: larger chunks mean fewer, larger kernels and more memory at the recompute.
     The math is unchanged: pages never interact in the connector. The module tree is left as it is (only the
     instance's forward is wrapped), so adapter weights keep their usual names.
+
+    `perceiver_pages` (more than `pages_per_chunk`): the projection is recomputed `pages_per_chunk` pages at a time
+    and the perceiver `perceiver_pages` at a time. The projection holds most of the memory a page (its 14,336-wide
+    MLP) and the perceiver most of the kernel launches (3 layers of small matmuls, each with LoRA), so this trades
+    the projected pages' 4,096-wide outputs (~31 MB a page, kept for the perceiver) for fewer launches.
     """
     from torch.utils.checkpoint import checkpoint
 
@@ -116,22 +121,47 @@ def checkpoint_connector(model, pages_per_chunk: int = 1) -> bool:
     if connector is None:
         return False
     original = connector.forward
+    perceiver_pages = max(perceiver_pages or pages_per_chunk, pages_per_chunk)
+
+    def chunked(function, pages, step, *tensors):
+        return torch.cat(
+            [
+                checkpoint(function, *(None if t is None else t[i : i + step] for t in tensors), use_reentrant=False)
+                for i in range(0, pages, step)
+            ]
+        )
+
+    def perceive(context, attention_mask):
+        return connector.perceiver_resampler(context=context, attention_mask=attention_mask)
 
     def forward(image_hidden_states, attention_mask=None):
         if not (connector.training and torch.is_grad_enabled()):
             return original(image_hidden_states, attention_mask)
-        chunks = [
-            checkpoint(
-                original,
-                image_hidden_states[i : i + pages_per_chunk],
-                None if attention_mask is None else attention_mask[i : i + pages_per_chunk],
-                use_reentrant=False,
-            )
-            for i in range(0, image_hidden_states.shape[0], pages_per_chunk)
-        ]
-        return torch.cat(chunks)
+        pages = image_hidden_states.shape[0]
+        if perceiver_pages == pages_per_chunk:
+            return chunked(original, pages, pages_per_chunk, image_hidden_states, attention_mask)
+        projected = chunked(connector.modality_projection, pages, pages_per_chunk, image_hidden_states)
+        return chunked(perceive, pages, perceiver_pages, projected, attention_mask)
 
     connector.forward = forward
+    return True
+
+
+def compile_text_layers(model) -> bool:
+    """Compile each of Idefics2's decoder layers with torch.compile, in place (names and weights unchanged);
+    returns whether the model has them.
+
+    A QLoRA step launches ~18,000 kernels on Idefics2-8B, most of them small ones around the 4-bit matmuls (LoRA's
+    dropout, casts, scale and add, the norms, the rotary embedding, the gated activation), and at batch 16 the
+    host cannot launch them as fast as the GPU runs them (docs/benchmarks.md). Compiled, the decoder's fuse into
+    fewer kernels. The layers share their code, so one graph serves all 32. The connector is not compiled: its
+    custom autograd functions (connector_lean_activations) under checkpoint_connector save a different number of
+    tensors when compiled, which checkpointing refuses."""
+    layers = getattr(getattr(getattr(model, "model", None), "text_model", None), "layers", None)
+    if layers is None:
+        return False
+    for layer in layers:
+        layer.compile()
     return True
 
 
