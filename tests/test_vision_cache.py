@@ -255,7 +255,10 @@ def test_page_digests_made_with_the_batch_key_each_real_page_and_never_outlive_t
     from unittest import mock
 
     from docvlm.trainer import DocVLMTrainer
-    from docvlm.vision_cache import PAGE_DIGESTS, PAGE_FEATURES, page_digest, page_digests
+    from docvlm.vision_cache import PAGE_DIGESTS, PAGE_FEATURES, page_digest, page_entries
+
+    def page_digests(pixel_values, pixel_attention_mask, patch_size):
+        return [digest for digest, _, _ in page_entries(pixel_values, pixel_attention_mask, patch_size)]
 
     _, processor = tiny_model_and_processor
     batch = mixed_batch(processor)

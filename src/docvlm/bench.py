@@ -171,6 +171,10 @@ def fixtures(model: str, pages: int) -> tuple[str, str]:
 PROFILED_STEPS = 2  # run after the timed steps: the profiler slows the steps it records
 
 
+def steps_to_run(warmup: int, steps: int, profile: bool) -> int:
+    return warmup + steps + (PROFILED_STEPS if profile else 0)
+
+
 def step_timer(warmup: int, steps: int, profile: bool = False, memory_profile: bool = False):
     """A TrainerCallback that times optimizer steps after `warmup`, records the loss at every step, and, to explain
     a slow step, what each one spent waiting: for its batch (the Trainer fetches a step's batches before
@@ -431,7 +435,7 @@ def run_baseline(
             param.data = param.data.float()
     args = TrainingArguments(
         output_dir=tempfile.mkdtemp(prefix="bench-baseline-"),
-        max_steps=warmup + steps + (PROFILED_STEPS if profile else 0),
+        max_steps=steps_to_run(warmup, steps, profile),
         per_device_train_batch_size=2,
         gradient_accumulation_steps=8,
         learning_rate=1e-4,
@@ -486,7 +490,7 @@ def run_recipe(
         "--output_dir",
         tempfile.mkdtemp(prefix=f"bench-{name}-"),
         "--max_steps",
-        str(warmup + steps + (PROFILED_STEPS if profile else 0)),
+        str(steps_to_run(warmup, steps, profile)),
         "--eval_after_training",
         "false",
         "--save_strategy",
@@ -567,8 +571,12 @@ def projected_minutes(result: dict) -> float:
     cache first where the setup uses one (at the measured seconds a page); start-up and evaluation left out."""
     seconds = PROJECTED_EPOCHS * PROJECTED_PAGES / result["samples_per_s"]
     if result.get("cache_fill_pages"):
-        seconds += PROJECTED_PAGES * result["cache_fill_s"] / result["cache_fill_pages"]
+        seconds += PROJECTED_PAGES * fill_seconds_a_page(result)
     return seconds / 60
+
+
+def fill_seconds_a_page(result: dict) -> float:
+    return result["cache_fill_s"] / result["cache_fill_pages"]
 
 
 def _number(key: str, digits: int = 2, scale: float = 1.0):
@@ -585,7 +593,7 @@ def table(results: dict[str, dict]) -> str:
         return f"{r['samples_per_s'] / base['samples_per_s']:.2f}x" if base.get("samples_per_s") else "-"
 
     def fill(r, _):
-        return f"{r['cache_fill_s'] / r['cache_fill_pages']:.3f}" if r.get("cache_fill_pages") else "-"
+        return f"{fill_seconds_a_page(r):.3f}" if r.get("cache_fill_pages") else "-"
 
     def run_ratio(r, _):
         if not base.get("samples_per_s"):

@@ -137,11 +137,7 @@ def predict(
     batch = training_args.per_device_train_batch_size
     pages_a_row = max(stats.pages) if stats.pages else 0
     pages = batch * pages_a_row
-    chunk = pages
-    if training_args.connector_checkpointing and training_args.connector_checkpoint_pages:
-        chunk = min(pages, training_args.connector_checkpoint_pages)
-    elif training_args.connector_checkpointing:
-        chunk = min(pages, 1)
+    chunk = min(pages, training_args.connector_checkpoint_pages) if training_args.connector_checkpointing else pages
     tokens = [i + p + a for i, p, a in zip(stats.image_tokens, stats.prompt_tokens, stats.answer_tokens, strict=True)]
     p95_tokens = _p95(tokens)
     calibrated = family.plan_calibration

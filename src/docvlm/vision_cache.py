@@ -55,11 +55,6 @@ def page_entries(pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor 
     return entries
 
 
-def page_digests(pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None, patch_size: int) -> list[str]:
-    """The digest of every real page of a processor batch (see page_entries)."""
-    return [digest for digest, _, _ in page_entries(pixel_values, pixel_attention_mask, patch_size)]
-
-
 PAGE_DIGESTS = "page_digests"  # the batch key that carries them from the collator to the cache
 PAGE_FEATURES = "page_features"  # the batch key that carries features read by the collator from a disk cache
 
@@ -101,10 +96,16 @@ class PageKeys:
             return None
         found = [load_file(path)["features"] for path in paths]
         rows, cols = (side // self.patch_size for side in size)
-        grid = found[0].new_zeros(len(found), rows, cols, found[0].shape[-1])
-        for page, (features, (_, h, w)) in enumerate(zip(found, entries, strict=True)):
-            grid[page, :h, :w] = features.view(h, w, -1)
-        return grid.view(len(found), rows * cols, -1)
+        return padded_grid(found, [(h, w) for _, h, w in entries], rows, cols)
+
+
+def padded_grid(features: list[torch.Tensor], extents: list[tuple[int, int]], rows: int, cols: int) -> torch.Tensor:
+    """Pages' features, each stored at its real (h, w) patches, laid out as the tower outputs a batch: a
+    (pages, rows x cols, width) tensor of the batch's padded patch grid, zeros where a page has no patch."""
+    grid = features[0].new_zeros(len(features), rows, cols, features[0].shape[-1])
+    for page, (found, (h, w)) in enumerate(zip(features, extents, strict=True)):
+        grid[page, :h, :w] = found.view(h, w, -1)
+    return grid.view(len(features), rows * cols, -1)
 
 
 def tower_identity(tower: torch.nn.Module) -> str:
@@ -323,13 +324,8 @@ def cached_features(
         args = (cache, pixel_values, patch_attention_mask, extents, keys, missing, patch_size)
         features.update(_compute_and_store(compute, *args, **kwargs))
     rows, cols = patch_attention_mask.shape[1:]
-    outputs = []
-    for page, (h, w) in enumerate(extents):
-        found = features[page].to(device=pixel_values.device)
-        grid = found.new_zeros(rows, cols, found.shape[-1])
-        grid[:h, :w] = found.view(h, w, -1)
-        outputs.append(grid.view(rows * cols, -1))
-    return BaseModelOutput(last_hidden_state=torch.stack(outputs))
+    found = [features[page].to(device=pixel_values.device) for page in range(len(extents))]
+    return BaseModelOutput(last_hidden_state=padded_grid(found, extents, rows, cols))
 
 
 def store_features(compute, cache: FeatureCache, pixel_values, patch_attention_mask=None, patch_size: int = 14, **kw):
@@ -356,7 +352,7 @@ class PageBatches:
         images = [pages_of(row, f"training row {row.get('row', '?')}") for row in rows]
         batch = self.image_processor(images=images, return_tensors="pt")
         batch = {key: batch[key] for key in ("pixel_values", "pixel_attention_mask") if key in batch}
-        batch[PAGE_DIGESTS] = page_digests(batch["pixel_values"], batch.get("pixel_attention_mask"), self.patch_size)
+        batch.update(PageKeys(self.patch_size)(batch))  # the digests, as training's collator makes them
         return batch
 
 
