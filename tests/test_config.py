@@ -221,3 +221,14 @@ def test_conflicting_precision_flags_and_bf16_on_a_gpu_without_it_are_refused(mo
     with pytest.raises(ValueError, match="precision is bf16, but Tesla T4 has no bf16"):
         resolve_precision("bf16")
     assert resolve_precision("auto") == (False, True)  # fp16 there
+
+
+def test_null_on_the_command_line_means_none_as_in_a_recipe():
+    from docvlm.config import parse_recipe
+
+    argv = ["--config", "recipes/docvqa_qlora.yaml", "--vision_feature_cache_dir", "null", "--group_column", "null"]
+    data_args, _, training_args, _ = parse_recipe([*argv, "--connector_perceiver_pages", "null"])
+    assert data_args.group_column is None  # not a column named 'null'
+    assert training_args.vision_feature_cache_dir is None  # not a cache folder named 'null'
+    assert training_args.connector_perceiver_pages is None
+    assert parse_recipe(["--config", "recipes/docvqa_qlora.yaml"])[2].connector_perceiver_pages == 4  # the recipe's

@@ -143,7 +143,7 @@ SWITCHES_ON = [
 ]
 SWITCHES_OFF = [
     *("--gradient_checkpointing", "false", "--vision_tower_no_grad", "false", "--connector_checkpointing", "false"),
-    *("--connector_lean_activations", "false", "--loss_logits", "all"),
+    *("--connector_perceiver_pages", "null", "--connector_lean_activations", "false", "--loss_logits", "all"),
 ]
 # 3 steps on the same 4 samples (one global batch), so that the loss must fall and one GPU sees what two do
 GPU_RUN = [
@@ -327,7 +327,7 @@ def test_a_zero3_deepspeed_json_config_must_gather_the_adapter_when_saving(monke
 
 
 def test_fsdp_refuses_a_4bit_model_and_other_modes_refuse_what_was_not_verified_in_them():
-    from docvlm.distributed import DDP, FSDP, SINGLE, ZERO2, prepare_recipe_for, refuse_unsupported_switches
+    from docvlm.distributed import DDP, FSDP, SINGLE, ZERO2, ZERO3, prepare_recipe_for, refuse_unsupported_switches
     from docvlm.errors import UserError
 
     model_args, training_args = recipe_on_a_gpu("bf16")
@@ -342,6 +342,12 @@ def test_fsdp_refuses_a_4bit_model_and_other_modes_refuse_what_was_not_verified_
         with pytest.raises(UserError, match=f"compile_text_layers is true, but .* not under {mode}"):
             refuse_unsupported_switches(mode, training_args)
     refuse_unsupported_switches(SINGLE, training_args)  # measured there
+    training_args.compile_text_layers, training_args.lora_lean_forward = False, True
+    for mode in (ZERO3, FSDP):  # their hooks gather the sharded adapter weights: not tested with it
+        with pytest.raises(UserError, match=f"lora_lean_forward is true, but .* under {mode}"):
+            refuse_unsupported_switches(mode, training_args)
+    for mode in (SINGLE, DDP, ZERO2):  # weights whole on every GPU
+        refuse_unsupported_switches(mode, training_args)
 
 
 def test_fsdp_refuses_two_kinds_of_activation_checkpointing(monkeypatch):

@@ -199,7 +199,7 @@ def test_every_switch_keeps_loss_and_gradients_or_is_refused(name):
     recipe = f"recipes/{spec.recipe}.yaml"
     data = ["--model_name_or_path", spec.fixture, "--dataset_name", "docvlm:tiny-docs", "--max_train_samples", "8"]
     off = ["--vision_tower_no_grad", "false", "--vision_tower_pages", "0", "--connector_checkpointing", "false"]
-    off += ["--connector_lean_activations", "false"]
+    off += ["--connector_perceiver_pages", "null", "--connector_lean_activations", "false"]
     torch.manual_seed(0)  # the same LoRA initialisation for every model built here
     model, batch = peft_tiny_model_and_batch(4, recipe, *data, *off)
     model.get_base_model().gradient_checkpointing_enable({"use_reentrant": False})

@@ -45,14 +45,14 @@ def busy_seconds(intervals: list[tuple[float, float]]) -> float:
 
 class CallSites:
     """The innermost Python frame outside torch's plumbing around a host event. With profile(with_stack=True)
-    each Python call is an event ('file.py(line): function') on its thread; a CUDA runtime call has no parent
-    link to them in torch's event tree, so frames are matched by time: the latest-starting frame that encloses
-    the event, on its thread where one does."""
+    each Python call is an event ('file.py(line): function') on its thread. The event's parents are searched
+    first; where none is a frame (a CUDA runtime call recorded under another thread id has no parents), frames
+    are matched by time: the latest-starting frame that encloses the event, on its thread where one does."""
 
     def __init__(self, cpu_events):
         import numpy as np
 
-        frames = [e for e in cpu_events if ".py(" in e.name and not any(part in e.name for part in PLUMBING)]
+        frames = [e for e in cpu_events if is_frame(e.name)]
         self.names = [shorten(e.name) for e in frames]
         self.thread_ids: dict[int, int] = {}  # thread ids can exceed int64: numbered here instead
         self.threads = np.array([self._thread(e) for e in frames], dtype=np.int64)
@@ -65,13 +65,25 @@ class CallSites:
     def __call__(self, event) -> str:
         import numpy as np
 
+        operator = None  # the innermost operator around the event, named when no Python frame is found
+        parent = event.cpu_parent
+        while parent is not None:  # torch links events of one thread by time: the frames above, where they are
+            if is_frame(parent.name):
+                return shorten(parent.name)
+            operator = operator or (parent.name if parent.name.startswith("aten::") else None)
+            parent = parent.cpu_parent
         start, end = event.time_range.start, event.time_range.end
         around = (self.starts <= start) & (self.ends >= end)
         if (around & (self.threads == self._thread(event))).any():
             around &= self.threads == self._thread(event)
         elif not around.any():  # the CUDA runtime's thread ids may not be Python's: then any thread's frame
-            return "(no Python stack recorded)"
+            return f"{operator or event.name} (no Python stack recorded)"
         return self.names[int(np.argmax(np.where(around, self.starts, -np.inf)))]
+
+
+def is_frame(name: str) -> bool:
+    """Whether a profiler event is a Python frame of our or the libraries' code (not torch's plumbing)."""
+    return ".py(" in name and not any(part in name for part in PLUMBING)
 
 
 def shorten(frame: str) -> str:

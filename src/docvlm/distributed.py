@@ -124,6 +124,11 @@ def refuse_unsupported_switches(mode: str, training_args) -> None:
             "hooks gather, shard or reduce the weights the compiled layers read). Set compile_text_layers: false, "
             "or launch one process."
         )
+    if mode in (ZERO3, FSDP) and training_args.lora_lean_forward:
+        raise UserError(
+            f"lora_lean_forward is true, but docvlm has not tested it under {mode}, whose hooks gather the sharded "
+            "adapter weights. Set lora_lean_forward: false, or use accelerate_configs/multi_gpu.yaml."
+        )
     if mode == FSDP and _on("FSDP_ACTIVATION_CHECKPOINTING") and training_args.gradient_checkpointing:
         raise UserError(
             "gradient_checkpointing is true and the FSDP config also sets fsdp_activation_checkpointing: both "

@@ -129,6 +129,13 @@ class Prediction:
     step_seconds: float | None
 
 
+def perceiver_unmodelled(training_args, stats: SampleStats) -> bool:
+    """Whether the recipe recomputes the perceiver in its own chunks for rows of several images: the memory
+    model's perceiver term is fitted on one page a row."""
+    own_chunks = training_args.connector_checkpointing and training_args.connector_perceiver_pages
+    return bool(own_chunks) and max(stats.pages, default=1) > 1
+
+
 def predict(
     config, training_args, stats: SampleStats, weights: int, trainable: int, card, nested: bool, family
 ) -> Prediction:
@@ -138,11 +145,21 @@ def predict(
     pages_a_row = max(stats.pages) if stats.pages else 0
     pages = batch * pages_a_row
     chunk = min(pages, training_args.connector_checkpoint_pages) if training_args.connector_checkpointing else pages
+    perceiver = chunk
+    if training_args.connector_checkpointing and training_args.connector_perceiver_pages:
+        perceiver = min(pages, max(chunk, training_args.connector_perceiver_pages))
     tokens = [i + p + a for i, p, a in zip(stats.image_tokens, stats.prompt_tokens, stats.answer_tokens, strict=True)]
     p95_tokens = _p95(tokens)
     calibrated = family.plan_calibration
-    activations = calibrated["connector_bytes_per_patch"] * chunk * stats.largest_page_patches
-    activations += calibrated["decoder_bytes_per_token"] * batch * p95_tokens + calibrated["step_workspace_bytes"]
+    connector = calibrated["connector_bytes_per_patch"] * chunk * stats.largest_page_patches
+    connector += calibrated["perceiver_bytes_per_patch"] * (perceiver - chunk) * stats.largest_page_patches
+    if training_args.gradient_checkpointing:
+        activations = connector + calibrated["decoder_bytes_per_token"] * batch * p95_tokens
+    else:
+        decoder = calibrated["unchecked_decoder_bytes_per_token"] * batch * p95_tokens
+        # a recomputed connector peaks after the decoder's backward pass has freed the decoder's activations
+        activations = max(connector, decoder) if training_args.connector_checkpointing else connector + decoder
+    activations += calibrated["step_workspace_bytes"]
     # the batch's pages on the GPU, padded to the largest: fp32 pixels and their half-precision copy, and the
     # tower's (or the cache's) half-precision features of every patch
     vision = config.vision_config
@@ -263,15 +280,10 @@ def plan(argv: list[str]) -> int:
                 "             lower per_device_train_batch_size (raise gradient_accumulation_steps), turn on "
                 "connector_checkpointing with fewer connector_checkpoint_pages, or pick a larger card."
             )
-        if training_args.connector_checkpointing and training_args.connector_perceiver_pages:
+        if perceiver_unmodelled(training_args, stats):
             lines.append(
-                "             not modelled: connector_perceiver_pages (measured on the 8B model at batch 16: 8 pages "
-                "+2.2 GiB, 16 pages +5.3 GiB; docs/benchmarks.md, run R)"
-            )
-        if not training_args.gradient_checkpointing:
-            lines.append(
-                "             not modelled: gradient_checkpointing false (measured on the 8B model at batch 16 "
-                "without connector checkpointing: +6.2 GiB; docs/benchmarks.md, runs N and R)"
+                "             not modelled: connector_perceiver_pages with several images a row (measured on the 8B "
+                "model with 5 crops a page, 8 x 2: 4 crops +8 GiB; docs/benchmarks.md, run U)"
             )
         if guess.step_seconds is not None:
             hours = guess.step_seconds * steps / 3600

@@ -79,6 +79,7 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
     from docvlm.evaluate import evaluate_model, load_trained, report_meta
     from docvlm.families import apply_switches, family_at, refuse_what_does_not_apply
     from docvlm.hub import check_recipe_sources
+    from docvlm.lora_forward import lean_lora_forward
     from docvlm.modeling import (
         check_lora_targets,
         keep_trainable_fp32,
@@ -145,6 +146,8 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
         model_card=lambda: adapter_card(model_args, data_args, output_dir),
     )
     keep_trainable_fp32(trainer.model)
+    if training_args.lora_lean_forward and not lean_lora_forward(trainer.model):
+        raise UserError("lora_lean_forward is true, but the model has no LoRA linear layers to make leaner.")
     trainer.feature_cache = feature_cache  # its counts and fill time, for the summary and `make bench`
     if feature_cache is not None:
         fill_vision_cache(trainer, feature_cache, processor)

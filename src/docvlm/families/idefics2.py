@@ -205,7 +205,13 @@ GIB = 2**30
 # batch's largest page), the checkpointed decoder's, and the batch's pages and features.
 PLAN_CALIBRATION = {
     "connector_bytes_per_patch": 1.235 * GIB / 3780,  # a page of 70 x 54 patches: 1.235 GiB
+    # the perceiver recomputed more pages at a time than the projection (connector_perceiver_pages): each page more
+    # in its chunk, ~0.43 GiB reserved (runs R and T: 3 to 16 pages at batch 16)
+    "perceiver_bytes_per_patch": 0.36 * GIB / 3780,
     "decoder_bytes_per_token": 0.02 * GIB / 220,  # checkpointed layers' inputs, all layers: ~0.02 GiB a row
+    # without gradient checkpointing every layer keeps its activations: +6.2 GiB reserved at 16 rows of ~99 tokens
+    # (docvqa_qlora_fast with and without it, connector not checkpointed, runs N and R)
+    "unchecked_decoder_bytes_per_token": 5.2 * GIB / (16 * 99),
     "step_workspace_bytes": 0.10 * GIB,  # the answer window's logits, the loss, kernels' workspace
     "reserved_over_activations": 1.2,  # the CUDA cache holds ~20% more than the activations at their peak
     # step time: a fixed cost a micro-batch (host work, launches, syncs), then the model FLOPs at a fraction of the
