@@ -25,10 +25,12 @@ def test_the_lean_forward_gives_peft_s_loss_and_gradients_on_4bit_layers():
     assert_same(before, loss_and_grads(model, batch))
 
 
-def test_the_lean_forward_with_dropout_draws_the_same_mask():
+def test_the_lean_forward_with_dropout_draws_the_same_mask_under_gradient_checkpointing():
     from docvlm.lora_forward import lean_lora_forward
 
     model, batch = lora_model_and_batch("0.1")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # as the 8B recipes
+    model.enable_input_require_grads()
     torch.manual_seed(1)
     before = loss_and_grads(model, batch)
     lean_lora_forward(model)
@@ -40,37 +42,12 @@ def launches(model, batch) -> int:
     """Operators that compute (a kernel each on a GPU) in one forward and backward pass, under bf16 autocast."""
     from torch.profiler import ProfilerActivity, profile
 
-    no_kernel = (
-        "view",
-        "reshape",
-        "transpose",
-        "permute",
-        "unsqueeze",
-        "squeeze",
-        "slice",
-        "select",
-        "expand",
-        "as_strided",
-        "detach",
-        "empty",
-        "alias",
-        "split",
-        "t",
-        "_unsafe_view",
-        "flatten",
-        "unflatten",
-        "item",
-        "_local_scalar_dense",
-        "is_nonzero",
-        "lift_fresh",
-        "resolve_conj",
-        "resolve_neg",
-        "to",
-        "_to_copy",
-        "contiguous",
-        "result_type",
-        "size",
-    )  # views, and casts that are no-ops in fp32
+    # views, and casts (under autocast, the same casts in both forwards)
+    no_kernel = set(
+        "view reshape transpose permute unsqueeze squeeze slice select expand as_strided detach empty alias split t "
+        "_unsafe_view flatten unflatten item _local_scalar_dense is_nonzero lift_fresh resolve_conj resolve_neg to "
+        "_to_copy contiguous result_type size".split()
+    )
     with profile(activities=[ProfilerActivity.CPU]) as run, torch.autocast("cpu", dtype=torch.bfloat16):
         loss_and_grads(model, batch)
     top = [e for e in run.events() if e.name.startswith("aten::")]
@@ -78,7 +55,7 @@ def launches(model, batch) -> int:
     return sum(1 for e in top if e.name.removeprefix("aten::") not in no_kernel)
 
 
-def test_the_lean_forward_launches_at_least_two_kernels_fewer_a_layer_call():
+def test_the_lean_forward_launches_three_kernels_fewer_a_layer_call():
     from peft.tuners.lora import LoraLayer
 
     from docvlm.lora_forward import lean_lora_forward
@@ -91,7 +68,8 @@ def test_the_lean_forward_launches_at_least_two_kernels_fewer_a_layer_call():
     peft_launches = launches(model, batch)
     layer_calls = len(calls)
     lean_lora_forward(model)
-    assert peft_launches - launches(model, batch) >= 2 * layer_calls > 0
+    # peft clones, scales and adds (and scales again in the backward pass); the lean forward adds once
+    assert peft_launches - launches(model, batch) >= 3 * layer_calls > 0
 
 
 def test_disabled_merged_or_mixed_adapters_take_peft_s_forward():
