@@ -130,10 +130,9 @@ class Prediction:
 
 
 def perceiver_unmodelled(training_args, stats: SampleStats) -> bool:
-    """Whether the recipe recomputes the perceiver in its own chunks for rows of several images: the memory
-    model's perceiver term is fitted on one page a row."""
-    own_chunks = training_args.connector_checkpointing and training_args.connector_perceiver_pages
-    return bool(own_chunks) and max(stats.pages, default=1) > 1
+    """Whether the recipe recomputes the perceiver in its own chunks (which the recipe allows with connector
+    checkpointing only) for rows of several images: the memory model's perceiver term is fitted on one page a row."""
+    return bool(training_args.connector_perceiver_pages) and max(stats.pages, default=1) > 1
 
 
 def predict(
@@ -145,9 +144,8 @@ def predict(
     pages_a_row = max(stats.pages) if stats.pages else 0
     pages = batch * pages_a_row
     chunk = min(pages, training_args.connector_checkpoint_pages) if training_args.connector_checkpointing else pages
-    perceiver = chunk
-    if training_args.connector_checkpointing and training_args.connector_perceiver_pages:
-        perceiver = min(pages, max(chunk, training_args.connector_perceiver_pages))
+    # the recipe allows perceiver chunks with connector checkpointing only, and no smaller than the projection's
+    perceiver = min(pages, training_args.connector_perceiver_pages or chunk)
     tokens = [i + p + a for i, p, a in zip(stats.image_tokens, stats.prompt_tokens, stats.answer_tokens, strict=True)]
     p95_tokens = _p95(tokens)
     calibrated = family.plan_calibration
