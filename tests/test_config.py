@@ -232,3 +232,21 @@ def test_null_on_the_command_line_means_none_as_in_a_recipe():
     assert training_args.vision_feature_cache_dir is None  # not a cache folder named 'null'
     assert training_args.connector_perceiver_pages is None
     assert parse_recipe(["--config", "recipes/docvqa_qlora.yaml"])[2].connector_perceiver_pages == 4  # the recipe's
+
+
+def test_vision_tower_offload_needs_the_cache_and_is_turned_off_on_the_cpu(tmp_path, capsys):
+    """Offloading the tower is refused without the cache (the tower runs every step), and turned off, with a line
+    that says so, where training runs on the CPU (the weights are already there)."""
+    from docvlm.train import run
+    from tests.helpers import quick
+
+    with pytest.raises(UserError, match="vision_tower_offload is true but vision_feature_cache is off"):
+        parse_recipe(["--config", "recipes/tiny_docvqa.yaml", "--vision_tower_offload", "true"])
+    switches = ["--vision_feature_cache", "memory", "--vision_tower_offload", "true", "--max_steps", "1"]
+    switches += ["--eval_after_training", "false", "--save_strategy", "no", "--report_to", "none"]
+    trainer, _ = run(quick(tmp_path, *switches))
+    assert (
+        "set for one process: vision_tower_offload: false (on the cpu it has nothing to move)"
+        in capsys.readouterr().out
+    )
+    assert not trainer.args.vision_tower_offload and trainer.state.global_step == 1

@@ -288,7 +288,7 @@ def test_zero3_stores_the_4bit_weights_in_the_training_dtype_and_says_so(monkeyp
     model_args, training_args = recipe_on_a_gpu("bf16")
     assert model_args.bnb_4bit_quant_storage is None  # the recipe does not set it
     changes = prepare_recipe_for(ZERO3, model_args, training_args)
-    assert changes == [
+    assert changes[:2] == [
         "bnb_4bit_quant_storage: bfloat16 (DeepSpeed ZeRO-3 splits the 4-bit weights in the compute dtype)",
         "vision_feature_cache: off (DeepSpeed ZeRO-3 splits the vision tower's weights across processes)",
     ]
@@ -327,7 +327,7 @@ def test_a_zero3_deepspeed_json_config_must_gather_the_adapter_when_saving(monke
 
 
 def test_fsdp_refuses_a_4bit_model_and_other_modes_refuse_what_was_not_verified_in_them():
-    from docvlm.distributed import DDP, FSDP, SINGLE, ZERO2, ZERO3, prepare_recipe_for, refuse_unsupported_switches
+    from docvlm.distributed import DDP, FSDP, SINGLE, ZERO2, prepare_recipe_for, refuse_unsupported_switches
     from docvlm.errors import UserError
 
     model_args, training_args = recipe_on_a_gpu("bf16")
@@ -342,12 +342,26 @@ def test_fsdp_refuses_a_4bit_model_and_other_modes_refuse_what_was_not_verified_
         with pytest.raises(UserError, match=f"compile_text_layers is true, but .* not under {mode}"):
             refuse_unsupported_switches(mode, training_args)
     refuse_unsupported_switches(SINGLE, training_args)  # measured there
-    training_args.compile_text_layers, training_args.lora_lean_forward = False, True
-    for mode in (ZERO3, FSDP):  # their hooks gather the sharded adapter weights: not tested with it
-        with pytest.raises(UserError, match=f"lora_lean_forward is true, but .* under {mode}"):
-            refuse_unsupported_switches(mode, training_args)
-    for mode in (SINGLE, DDP, ZERO2):  # weights whole on every GPU
-        refuse_unsupported_switches(mode, training_args)
+
+
+@pytest.mark.parametrize("mode", ["DDP", "DeepSpeed ZeRO-2", "DeepSpeed ZeRO-3", "FSDP"])
+def test_switches_measured_on_one_gpu_are_turned_off_where_they_cannot_apply_and_said(mode, monkeypatch):
+    """The shipped recipes offload the vision tower and use the lean LoRA forward on one GPU; launched on several,
+    the switches their mode cannot take are turned off with a line each, not refused (nor silently kept)."""
+    from docvlm.distributed import FSDP, SINGLE, ZERO3, prepare_recipe_for
+
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL", "true")
+    model_args, training_args = recipe_on_a_gpu("bf16", "--load_in_4bit", str(mode != FSDP).lower())
+    assert training_args.vision_tower_offload and training_args.lora_lean_forward  # the recipe's
+    changes = prepare_recipe_for(mode, model_args, training_args)
+    assert f"vision_tower_offload: false ({mode} needs every weight of the model on the GPU)" in changes
+    assert not training_args.vision_tower_offload
+    sharded = mode in (ZERO3, FSDP)
+    assert training_args.lora_lean_forward is not sharded
+    assert any(c.startswith("lora_lean_forward: false") for c in changes) is sharded
+    model_args, training_args = recipe_on_a_gpu("bf16")
+    assert not any("offload" in c or "lean" in c for c in prepare_recipe_for(SINGLE, model_args, training_args))
+    assert training_args.vision_tower_offload and training_args.lora_lean_forward
 
 
 def test_fsdp_refuses_two_kinds_of_activation_checkpointing(monkeypatch):

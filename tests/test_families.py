@@ -22,7 +22,7 @@ def recipe(*extra):
     """docvqa_qlora without its feature cache (tests/test_vision_cache.py covers that switch) and with its
     connector recomputed in one kind of chunk (so that `extra` may turn connector checkpointing off), then `extra`."""
     argv = ["--config", "recipes/docvqa_qlora.yaml", "--vision_feature_cache", "off", "--connector_perceiver_pages"]
-    argv += ["null", *extra]
+    argv += ["null", "--vision_tower_offload", "false", *extra]
     _, model_args, training_args, _ = parse_recipe(argv)
     return model_args, training_args
 

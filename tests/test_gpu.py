@@ -135,3 +135,30 @@ def test_each_familys_tiny_model_trains_in_4bit_on_cuda(recipe, fixture, tmp_pat
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
     assert (tmp_path / "adapter_model.safetensors").is_file() and "generation_anls" in metrics
+
+
+def test_an_offloaded_vision_tower_trains_the_same_and_is_back_for_the_evaluation(tmp_path):
+    """vision_tower_offload: while every page comes from the cache the tower's weights are in CPU memory, the
+    losses are those of the same run with the tower on the GPU, and the evaluation after training (pages the cache
+    never saw) finds the tower back on the GPU."""
+    from transformers import TrainerCallback
+
+    from docvlm.train import run
+    from docvlm.vision_tower import vision_tower
+
+    where = []
+
+    class TowerDevice(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            where.append(next(vision_tower(model.get_base_model()).parameters()).device.type)
+
+    switches = ["--max_steps", "3", "--save_strategy", "no", "--bnb_4bit_skip_modules", "model.vision_model"]
+    switches += ["--vision_feature_cache", "memory", "--eval_compare_base", "false"]
+    _, plain = run(quick(tmp_path / "plain", *switches), callbacks=[TowerDevice()])
+    assert where == ["cuda"] * 3
+    where.clear()
+    trainer, offloaded = run(quick(tmp_path / "offload", *switches, "--vision_tower_offload", "true"), [TowerDevice()])
+    assert where == ["cpu"] * 3
+    assert next(vision_tower(trainer.model.get_base_model()).parameters()).is_cuda
+    assert offloaded["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-3)
+    assert 0.0 <= offloaded["generation_anls"] <= 1.0  # generated with the tower back on the GPU

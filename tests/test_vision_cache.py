@@ -125,6 +125,7 @@ def test_filling_before_training_stores_every_page_in_batches_with_a_progress_ba
     seconds = fill_feature_cache(model.get_base_model(), cache, rows, processor.image_processor, 3, 0, nullcontext())
     assert calls == [3, 1]  # the pages of 3 rows in one tower call, then the last row's
     assert (cache.misses, cache.hits, len(cache.memory)) == (4, 0, 4) and seconds == cache.fill_seconds > 0
+    assert 0 < cache.fill_startup_seconds < seconds  # the wait for the first batch, part of the fill
     assert "Vision feature cache: 100%" in capsys.readouterr().err  # the progress bar
     del tower.forward
     patched(model, cache)

@@ -41,3 +41,54 @@ def test_frozen_vision_tower_builds_no_graph(tiny_model_path, tiny_dataset_path)
     loss_and_grads(model, batch)
     assert tracked == [True, False, False, True] and pages_per_call == [1, 1, 2]
     assert not frozen_vision_without_grad(torch.nn.Linear(2, 2))
+
+
+def test_an_offloaded_tower_waits_in_cpu_memory_and_comes_back_for_a_page_the_cache_missed(capsys):
+    """vision_tower_offload: the callback offloads the tower at the start of training only when the cache holds
+    every page, brings it back at the end, and a tower call while it is offloaded (a miss) restores it first."""
+    from docvlm.vision_cache import FeatureCache
+    from docvlm.vision_tower import TowerOffload, frozen_vision_without_grad, offload_tower_while_cached, vision_tower
+
+    # the tiny recipe quantizes its tower; the 8B recipes keep theirs in half precision, as here
+    half_tower = ("--bnb_4bit_skip_modules", "model.vision_model")
+    model, batch = peft_tiny_model_and_batch(2, "recipes/tiny_docvqa.yaml", *half_tower)
+    base = model.get_base_model()
+    tower = vision_tower(base)
+    cache = FeatureCache("memory", None, "tower", max_bytes=2**30)
+    assert frozen_vision_without_grad(base, cache=cache)
+    callback = offload_tower_while_cached(base, cache)
+    offload = getattr(tower, TowerOffload.ATTRIBUTE)
+
+    cache.not_stored = 3  # some pages over the cache's bound: the tower must stay to compute them
+    callback.on_train_begin(None, None, None)
+    assert not offload.offloaded
+    assert "3 pages did not fit the feature cache" in capsys.readouterr().out
+
+    cache.not_stored = 0
+    callback.on_train_begin(None, None, None)
+    weights = sum(t.numel() * t.element_size() for t in [*tower.parameters(), *tower.buffers()])
+    assert offload.offloaded and f"({weights / 2**30:.2f} GiB) waits in CPU memory" in capsys.readouterr().out
+
+    restored = []
+    offload.restore = lambda: (restored.append(True), setattr(offload, "home", None))
+    loss_and_grads(model, batch)  # an empty cache: every page misses, so the tower must compute
+    assert restored == [True] and "a page missed the feature cache" in capsys.readouterr().out
+    assert cache.misses == 2 and not offload.offloaded
+
+    del offload.restore
+    callback.on_train_begin(None, None, None)
+    loss_and_grads(model, batch)  # both pages cached now: the offloaded tower is not called
+    assert offload.offloaded and cache.hits == 2
+    callback.on_train_end(None, None, None)
+    assert not offload.offloaded
+
+
+def test_a_quantized_tower_is_not_offloaded():
+    import pytest
+
+    from docvlm.errors import UserError
+    from docvlm.vision_tower import TowerOffload, vision_tower
+
+    model, _ = peft_tiny_model_and_batch(size=1)  # the tiny recipe quantizes its tower to 4 bits
+    with pytest.raises(UserError, match="this one is quantized: keep it out of 4-bit with bnb_4bit_skip_modules"):
+        TowerOffload(vision_tower(model.get_base_model()))

@@ -516,6 +516,7 @@ def run_recipe(
     cache = getattr(trainer, "feature_cache", None)
     if cache is not None and cache.fill_seconds is not None:
         result["cache_fill_s"], result["cache_fill_pages"] = cache.fill_seconds, cache.fill_pages
+        result["cache_fill_startup_s"] = cache.fill_startup_seconds
     if check_reload:
         result["reload_max_logit_diff"] = reload_logit_difference(trainer, trainer.train_dataset)
     return result
@@ -570,15 +571,19 @@ PROJECTED_PAGES, PROJECTED_EPOCHS = 1000, 2
 
 def projected_minutes(result: dict) -> float:
     """Wall time of a whole run (PROJECTED_EPOCHS over PROJECTED_PAGES) at the measured speed, filling the feature
-    cache first where the setup uses one (at the measured seconds a page); start-up and evaluation left out."""
+    cache first where the setup uses one: its start-up (the DataLoader's workers) once, then each page at the
+    measured seconds a page. Start-up and evaluation of the training itself are left out."""
     seconds = PROJECTED_EPOCHS * PROJECTED_PAGES / result["samples_per_s"]
     if result.get("cache_fill_pages"):
+        seconds += result.get("cache_fill_startup_s") or 0.0
         seconds += PROJECTED_PAGES * fill_seconds_a_page(result)
     return seconds / 60
 
 
 def fill_seconds_a_page(result: dict) -> float:
-    return result["cache_fill_s"] / result["cache_fill_pages"]
+    """The fill's seconds a page once its first batch was ready (all of it where the start-up was not recorded)."""
+    startup = result.get("cache_fill_startup_s") or 0.0
+    return (result["cache_fill_s"] - startup) / result["cache_fill_pages"]
 
 
 def _number(key: str, digits: int = 2, scale: float = 1.0):

@@ -258,6 +258,15 @@ class TrainConfig(SFTConfig):
             "(disk). Same gradients."
         },
     )
+    vision_tower_offload: bool = field(
+        default=False,
+        metadata={
+            "help": "While the vision feature cache holds every training page, keep the frozen tower's weights in "
+            "CPU memory (0.78 GiB on the 8B flagship), for the connector's recompute to use; a page the cache misses "
+            "brings them back. Needs vision_feature_cache; turned off, with a line that says so, on the CPU and "
+            "when several processes train."
+        },
+    )
     vision_feature_cache_dir: str | None = field(
         default=None,
         metadata={"help": "Folder of the disk cache (null: $DOCVLM_CACHE/vision-features, ~/.cache/docvlm/...)."},
@@ -364,6 +373,11 @@ class TrainConfig(SFTConfig):
             raise ValueError(
                 "vision_feature_cache is on but vision_tower_no_grad is false: the cache replaces the frozen tower's "
                 "gradient-free forward. Set vision_tower_no_grad: true, or vision_feature_cache: off."
+            )
+        if self.vision_tower_offload and self.vision_feature_cache == "off":
+            raise ValueError(
+                "vision_tower_offload is true but vision_feature_cache is off: the tower can wait in CPU memory only "
+                "while the cache gives every page's features. Turn the cache on, or set vision_tower_offload: false."
             )
         if self.vision_feature_cache_max_gb <= 0:
             raise ValueError(f"vision_feature_cache_max_gb must be above 0, got {self.vision_feature_cache_max_gb}.")

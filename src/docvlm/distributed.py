@@ -86,6 +86,14 @@ def prepare_recipe_for(mode: str, model_args, training_args) -> list[str]:
         # shipped recipes keep the cache on for one GPU and DDP, so it is turned off here, and said
         training_args.vision_feature_cache = "off"
         changes.append(f"vision_feature_cache: off ({mode} splits the vision tower's weights across processes)")
+    if mode != SINGLE and training_args.vision_tower_offload:
+        # DDP refuses a model on two kinds of device and broadcasts its buffers from the GPU; the sharding modes
+        # have no cache to offload for. The shipped recipes offload on one GPU, so it is turned off here, and said.
+        training_args.vision_tower_offload = False
+        changes.append(f"vision_tower_offload: false ({mode} needs every weight of the model on the GPU)")
+    if mode in (ZERO3, FSDP) and training_args.lora_lean_forward:
+        training_args.lora_lean_forward = False
+        changes.append(f"lora_lean_forward: false (not tested under {mode}, whose hooks gather the adapter's shards)")
     if mode == ZERO3:
         # without it the Trainer saves DeepSpeed's shards instead, and the run folder holds no adapter
         config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
@@ -123,11 +131,6 @@ def refuse_unsupported_switches(mode: str, training_args) -> None:
             f"compile_text_layers is true, but docvlm measured it in one process only, not under {mode} (whose "
             "hooks gather, shard or reduce the weights the compiled layers read). Set compile_text_layers: false, "
             "or launch one process."
-        )
-    if mode in (ZERO3, FSDP) and training_args.lora_lean_forward:
-        raise UserError(
-            f"lora_lean_forward is true, but docvlm has not tested it under {mode}, whose hooks gather the sharded "
-            "adapter weights. Set lora_lean_forward: false, or use accelerate_configs/multi_gpu.yaml."
         )
     if mode == FSDP and _on("FSDP_ACTIVATION_CHECKPOINTING") and training_args.gradient_checkpointing:
         raise UserError(

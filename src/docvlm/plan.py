@@ -84,10 +84,19 @@ def measure_sample(rows, processor, data_args, patch_size: int | None) -> Sample
     return stats
 
 
-def weight_bytes(skeleton, model_args, dtype_bytes: int = 2) -> tuple[int, int]:
-    """(bytes of the weights as loaded, parameters): Linear layers in 4-bit NF4 (half a byte a weight, plus a
-    4-byte scale a block of 64, or with nested quantization an 8-bit scale and a 4-byte one a 256 blocks) except
-    the skipped modules and the output head, which stay in the compute dtype like every other parameter."""
+def offloaded_modules(skeleton, training_args) -> tuple[str, ...]:
+    """The modules whose weights wait in CPU memory while training runs (vision_tower_offload)."""
+    from docvlm.vision_tower import vision_tower
+
+    tower = vision_tower(skeleton) if training_args.vision_tower_offload else None
+    return tuple(name for name, module in skeleton.named_modules() if tower is not None and module is tower)
+
+
+def weight_bytes(skeleton, model_args, dtype_bytes: int = 2, leave_out: tuple[str, ...] = ()) -> tuple[int, int]:
+    """(bytes of the weights on the GPU as loaded, parameters): Linear layers in 4-bit NF4 (half a byte a weight,
+    plus a 4-byte scale a block of 64, or with nested quantization an 8-bit scale and a 4-byte one a 256 blocks)
+    except the skipped modules and the output head, which stay in the compute dtype like every other parameter.
+    The modules named in `leave_out` (offloaded_modules) count as parameters, not as bytes."""
     import torch
 
     skip = tuple(model_args.bnb_4bit_skip_modules or ()) + ("lm_head",)
@@ -97,6 +106,8 @@ def weight_bytes(skeleton, model_args, dtype_bytes: int = 2) -> tuple[int, int]:
         for param in module.parameters(recurse=False):
             count = param.numel()
             params += count
+            if any(name == out or name.startswith(f"{out}.") for out in leave_out):
+                continue
             quantized = (
                 model_args.load_in_4bit
                 and isinstance(module, torch.nn.Linear)
@@ -158,6 +169,10 @@ def predict(
         # a recomputed connector peaks after the decoder's backward pass has freed the decoder's activations
         activations = max(connector, decoder) if training_args.connector_checkpointing else connector + decoder
     activations += calibrated["step_workspace_bytes"]
+    # loss_logits auto means all on a GPU, which is what plan predicts for
+    logit_rows = p95_tokens if training_args.loss_logits != "answer" else _p95(stats.answer_tokens)
+    vocab = config.text_config.vocab_size
+    activations += calibrated["logit_bytes_per_vocab_entry"] * batch * logit_rows * vocab
     # the batch's pages on the GPU, padded to the largest: fp32 pixels and their half-precision copy, and the
     # tower's (or the cache's) half-precision features of every patch
     vision = config.vision_config
@@ -221,7 +236,7 @@ def plan(argv: list[str]) -> int:
     if skeleton is None:
         with init_empty_weights():
             skeleton = AutoModelForImageTextToText.from_config(config, trust_remote_code=trust)
-    weights, params = weight_bytes(skeleton, model_args)
+    weights, params = weight_bytes(skeleton, model_args, leave_out=offloaded_modules(skeleton, training_args))
     trainable = trainable_parameters(skeleton, model_args)
 
     rows = len(train_rows)  # max_train_samples applied

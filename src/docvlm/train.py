@@ -93,6 +93,7 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
     from docvlm.runtime import disable_cudnn_attention, freeze_garbage_after_first_step, use_expandable_segments
     from docvlm.screen import skip_summary
     from docvlm.trainer import DocVLMTrainer
+    from docvlm.vision_tower import offload_tower_while_cached
 
     data_args, model_args, training_args, eval_args = parse_recipe(argv)
     set_seed(training_args.seed)
@@ -103,6 +104,9 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
     check_one_gpu_per_process()
     check_recipe_sources(model_args, data_args)
     check_push(training_args)
+    if training_args.vision_tower_offload and training_args.device.type != "cuda":
+        training_args.vision_tower_offload = False  # the 8B recipes' switch, on a GPU-less test or laptop run
+        mode_changes.append(f"vision_tower_offload: false (on the {training_args.device.type} it has nothing to move)")
     checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)  # before loading
     current = {**asdict(data_args), **asdict(model_args), **asdict(training_args)}
     check_output_dir(training_args.output_dir, checkpoint is not None, training_args.overwrite_output_dir, current)
@@ -125,6 +129,8 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
         model_args, training_dtype(training_args), path, training_args.trust_remote_code, place=not sharded
     )
     feature_cache = apply_switches(family, model, training_args)
+    # made here, so that a tower it cannot move is refused before the cache fill; it moves when training starts
+    offload = offload_tower_while_cached(model, feature_cache) if training_args.vision_tower_offload else None
 
     output_dir = Path(training_args.output_dir)
     trainer = DocVLMTrainer(
@@ -151,6 +157,8 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
     trainer.feature_cache = feature_cache  # its counts and fill time, for the summary and `make bench`
     if feature_cache is not None:
         fill_vision_cache(trainer, feature_cache, processor)
+    if offload is not None:
+        trainer.add_callback(offload)
     if trainer.accelerator.is_main_process:
         print(f"Launch: {mode}" + "".join(f"\n  set for {mode}: {change}" for change in mode_changes))
         print(training_args.batch_summary())

@@ -132,6 +132,7 @@ class FeatureCache:
         self.folder = Path(folder) / identity[:16] if mode == "disk" else None
         self.hits = self.misses = self.not_stored = self.held = 0  # held: found stored while filling
         self.filling, self.fill_seconds, self.fill_pages = False, None, 0  # fill_feature_cache
+        self.fill_startup_seconds = None  # of fill_seconds: until the first batch was ready (workers starting)
         self.stored_bytes = self._bytes_on_disk() if self.folder else 0
         # Disk entries are written by a background thread while the GPU goes on; `writing` holds them until they
         # are on disk, and flush() waits for them (and raises what a write raised, e.g. a full disk).
@@ -359,7 +360,9 @@ class PageBatches:
 def fill_feature_cache(model, cache: FeatureCache, rows, image_processor, batch_size: int, workers: int, context):
     """Compute the features of every page of `rows` not in the cache yet, `batch_size` rows at a time, before
     training starts, with a progress bar (on the main process); `context`: the training's autocast, so the
-    features are the ones a training step would compute. Returns the seconds it took."""
+    features are the ones a training step would compute. Returns the seconds it took, of which
+    `cache.fill_startup_seconds` went to waiting for the first batch (the DataLoader's workers starting: paid once
+    a fill, however many pages it has)."""
     import time
 
     from accelerate import PartialState
@@ -371,6 +374,7 @@ def fill_feature_cache(model, cache: FeatureCache, rows, image_processor, batch_
     collate = PageBatches(image_processor, patch_size)
     loader = DataLoader(rows, batch_size=batch_size, collate_fn=collate, num_workers=workers)
     started, computed, cache.filling = time.perf_counter(), cache.misses, True
+    cache.fill_startup_seconds = None
     try:
         with (
             torch.no_grad(),
@@ -380,6 +384,8 @@ def fill_feature_cache(model, cache: FeatureCache, rows, image_processor, batch_
             ) as bar,
         ):
             for batch in loader:
+                if cache.fill_startup_seconds is None:
+                    cache.fill_startup_seconds = time.perf_counter() - started
                 cache.expect(batch.pop(PAGE_DIGESTS))
                 inputs = {key: value.to(device) for key, value in batch.items()}
                 try:

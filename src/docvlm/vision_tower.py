@@ -49,6 +49,7 @@ def frozen_vision_without_grad(model, pages_per_chunk: int = 0, cache=None) -> b
     patch_size = getattr(getattr(tower, "config", None), "patch_size", None)
 
     def in_chunks(pixel_values=None, patch_attention_mask=None, **kwargs):
+        bring_back_for(tower, pixel_values)
         pages = 0 if pixel_values is None else pixel_values.shape[0]
         if not pages_per_chunk or pages <= pages_per_chunk or keeps_all_outputs(kwargs):
             return original(pixel_values=pixel_values, patch_attention_mask=patch_attention_mask, **kwargs)
@@ -82,9 +83,87 @@ def frozen_vision_without_grad(model, pages_per_chunk: int = 0, cache=None) -> b
         if torch.is_grad_enabled() and frozen:
             with torch.no_grad():
                 if args:  # positional calls are passed through whole
+                    bring_back_for(tower, args[0])
                     return original(*args, **kwargs)
                 return in_chunks(**kwargs)
+        bring_back_for(tower, args[0] if args else kwargs.get("pixel_values"))
         return original(*args, **kwargs)
 
     tower.forward = forward
     return True
+
+
+class TowerOffload:
+    """The frozen tower's weights in CPU memory while the feature cache holds every training page (recipe switch
+    `vision_tower_offload`): the tower does not run then, so its weights (0.78 GiB for the 8B flagship, in bf16)
+    only take GPU memory the connector's recompute could use. A page the cache misses brings them back
+    (bring_back_for)."""
+
+    ATTRIBUTE = "docvlm_offload"  # where the tower's forward finds it
+
+    def __init__(self, tower: torch.nn.Module):
+        if any(not p.is_floating_point() for p in tower.parameters()):
+            raise UserError(
+                "vision_tower_offload moves a half-precision tower, but this one is quantized: keep it out of "
+                "4-bit with bnb_4bit_skip_modules (e.g. [model.vision_model]), or set vision_tower_offload: false."
+            )
+        self.tower, self.home = tower, None
+        setattr(tower, self.ATTRIBUTE, self)
+
+    @property
+    def offloaded(self) -> bool:
+        return self.home is not None
+
+    def offload(self) -> int:
+        """Move the weights to CPU memory and give their GPU memory back; returns the bytes moved."""
+        weights = list(self.tower.parameters()) + list(self.tower.buffers())
+        self.home = weights[0].device
+        self.tower.to("cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return sum(t.numel() * t.element_size() for t in weights)
+
+    def restore(self) -> None:
+        if self.home is not None:
+            self.tower.to(self.home)
+            self.home = None
+
+
+def bring_back_for(tower: torch.nn.Module, pixel_values) -> None:
+    """Before an offloaded tower computes: its weights back where they were, said once (the page was not cached)."""
+    offload = getattr(tower, TowerOffload.ATTRIBUTE, None)
+    if offload is None or not offload.offloaded or not isinstance(pixel_values, torch.Tensor):
+        return
+    print(
+        "vision_tower_offload: a page missed the feature cache, so the vision tower is back on "
+        f"{offload.home} for the rest of training.",
+        flush=True,
+    )
+    offload.restore()
+
+
+def offload_tower_while_cached(model, cache):
+    """A TrainerCallback that offloads the frozen tower once training starts (after accelerate has placed the
+    model) when the cache holds every training page, and brings it back when training ends, before evaluation
+    generates from pages the cache never saw."""
+    from transformers import TrainerCallback
+
+    tower = vision_tower(model)
+    offload = TowerOffload(tower)
+
+    class OffloadCallback(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            if cache.not_stored:
+                print(
+                    f"vision_tower_offload: {cache.not_stored} pages did not fit the feature cache "
+                    "(vision_feature_cache_max_gb), so the vision tower stays on the GPU to compute them.",
+                    flush=True,
+                )
+                return
+            moved = offload.offload()
+            print(f"vision_tower_offload: the vision tower ({moved / 2**30:.2f} GiB) waits in CPU memory.", flush=True)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            offload.restore()
+
+    return OffloadCallback()

@@ -212,7 +212,10 @@ PLAN_CALIBRATION = {
     # without gradient checkpointing every layer keeps its activations: +6.2 GiB reserved at 16 rows of ~99 tokens
     # (docvqa_qlora_fast with and without it, connector not checkpointed, runs N and R)
     "unchecked_decoder_bytes_per_token": 5.2 * GIB / (16 * 99),
-    "step_workspace_bytes": 0.10 * GIB,  # the answer window's logits, the loss, kernels' workspace
+    "step_workspace_bytes": 0.10 * GIB,  # the loss's and the kernels' workspace
+    # the logits the loss reads (every position with loss_logits all, as on CUDA; else the answer's), in bf16 and
+    # in the loss's fp32 copy: brings the high-resolution recipe's ~380-token rows within 11% (run X)
+    "logit_bytes_per_vocab_entry": 2 + 4,
     "reserved_over_activations": 1.2,  # the CUDA cache holds ~20% more than the activations at their peak
     # step time: a fixed cost a micro-batch (host work, launches, syncs), then the model FLOPs at a fraction of the
     # card's peak; nested quantization dequantizes twice (lowmem against docvqa_qlora at the same batch)
