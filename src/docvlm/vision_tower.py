@@ -135,8 +135,8 @@ def bring_back_for(tower: torch.nn.Module, pixel_values) -> None:
     if offload is None or not offload.offloaded or not isinstance(pixel_values, torch.Tensor):
         return
     print(
-        "vision_tower_offload: a page missed the feature cache, so the vision tower is back on "
-        f"{offload.home} for the rest of training.",
+        "vision_tower_offload: the vision tower has pages to compute that the feature cache does not hold (a page "
+        f"it missed, or an evaluation), so it is back on {offload.home} for the rest of training.",
         flush=True,
     )
     offload.restore()
