@@ -276,3 +276,17 @@ def test_bad_rows_are_skipped_before_training_and_listed_in_the_report(tmp_path,
     assert skipped["count"] == 3 and {row["row"] for row in skipped["rows"]} == {3, 5, 7}
     assert "Skipped 3 bad row(s) before training" in captured.out
     assert "Split 'train': skipped 1 of 16 rows" in captured.err and "Split 'test': skipped 2 of 4 rows" in captured.err
+
+
+def test_the_process_group_is_destroyed_when_training_returns(tmp_path):
+    """A launch's process group left to interpreter shutdown can abort a finished process; main() destroys it,
+    whether training ended or failed (here: a recipe that does not exist)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

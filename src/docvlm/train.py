@@ -300,6 +300,17 @@ class Stopped(Exception):
         self.signum, self.step, self.output_dir = signum, step, output_dir
 
 
+def release_process_group() -> None:
+    """Destroy the launch's torch.distributed process group before the interpreter exits. Neither the Trainer nor
+    accelerate does; left to interpreter shutdown, its communication threads can abort a process that has
+    finished its work ("terminate called without an active exception"), and the other processes then wait at
+    the launcher's exit barrier."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     from docvlm.recipe_help import exit_on_help
     from docvlm.runtime import quiet_third_party_noise
@@ -308,7 +319,10 @@ def main(argv: list[str] | None = None) -> int:
     exit_on_help(argv)  # before the ML libraries are imported: the rendered help is cached
     quiet_third_party_noise()
     try:
-        run(argv)
+        try:
+            run(argv)
+        finally:
+            release_process_group()
     except UserError as err:
         print(f"docvlm: error: {worker_free(str(err))}", file=sys.stderr)
         return 2
