@@ -88,8 +88,10 @@ def offloaded_modules(skeleton, training_args) -> tuple[str, ...]:
     """The modules whose weights wait in CPU memory while training runs (vision_tower_offload)."""
     from docvlm.vision_tower import vision_tower
 
-    tower = vision_tower(skeleton) if training_args.vision_tower_offload else None
-    return tuple(name for name, module in skeleton.named_modules() if tower is not None and module is tower)
+    if not training_args.vision_tower_offload:
+        return ()
+    tower = vision_tower(skeleton)
+    return tuple(name for name, module in skeleton.named_modules() if module is tower)
 
 
 def weight_bytes(skeleton, model_args, dtype_bytes: int = 2, leave_out: tuple[str, ...] = ()) -> tuple[int, int]:

@@ -45,11 +45,14 @@ def frozen_vision_without_grad(model, pages_per_chunk: int = 0, cache=None) -> b
     tower = vision_tower(model)
     if tower is None:
         return False
-    original = tower.forward
+    tower_forward = tower.forward
     patch_size = getattr(getattr(tower, "config", None), "patch_size", None)
 
+    def original(*args, **kwargs):  # every path that runs the tower: an offloaded one comes back first
+        bring_back_for(tower, args[0] if args else kwargs.get("pixel_values"))
+        return tower_forward(*args, **kwargs)
+
     def in_chunks(pixel_values=None, patch_attention_mask=None, **kwargs):
-        bring_back_for(tower, pixel_values)
         pages = 0 if pixel_values is None else pixel_values.shape[0]
         if not pages_per_chunk or pages <= pages_per_chunk or keeps_all_outputs(kwargs):
             return original(pixel_values=pixel_values, patch_attention_mask=patch_attention_mask, **kwargs)
@@ -83,10 +86,8 @@ def frozen_vision_without_grad(model, pages_per_chunk: int = 0, cache=None) -> b
         if torch.is_grad_enabled() and frozen:
             with torch.no_grad():
                 if args:  # positional calls are passed through whole
-                    bring_back_for(tower, args[0])
                     return original(*args, **kwargs)
                 return in_chunks(**kwargs)
-        bring_back_for(tower, args[0] if args else kwargs.get("pixel_values"))
         return original(*args, **kwargs)
 
     tower.forward = forward
