@@ -319,10 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     exit_on_help(argv)  # before the ML libraries are imported: the rendered help is cached
     quiet_third_party_noise()
     try:
-        try:
-            run(argv)
-        finally:
-            release_process_group()
+        run(argv)
     except UserError as err:
         print(f"docvlm: error: {worker_free(str(err))}", file=sys.stderr)
         return 2
@@ -343,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 128 + stop.signum
+    finally:
+        release_process_group()  # whether training ended, failed or was stopped
     return 0
 
 
