@@ -54,6 +54,25 @@ def test_tiny_model_loads_in_4bit_on_cpu(tiny_model_path):
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
 
 
+def test_a_4bit_model_on_the_cpu_trains_and_answers_the_same_after_an_evaluation():
+    """On a CPU with AVX512-BF16, bitsandbytes repacks 4-bit weights at the first no-grad forward in eval mode,
+    for a bf16 kernel that has no backward (docvlm.modeling.keep_4bit_cpu_math_in_compute_dtype). After an
+    evaluation the model must still answer and train as before it. Other CPUs never repack, so there it holds
+    either way."""
+    from tests.helpers import assert_same, loss_and_grads, peft_tiny_model_and_batch
+
+    model, batch = peft_tiny_model_and_batch(2)
+    trained_before = loss_and_grads(model, batch)
+    with torch.no_grad():
+        training_logits = model(**batch).logits
+    model.eval()
+    with torch.no_grad():
+        evaluation_logits = model(**batch).logits
+    model.train()
+    torch.testing.assert_close(evaluation_logits, training_logits)
+    assert_same(trained_before, loss_and_grads(model, batch))
+
+
 def test_keep_trainable_fp32_undoes_the_bf16_cast():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
     model[0].requires_grad_(False)

@@ -133,7 +133,25 @@ def load_model(
     model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
     if place and quant is None and torch.cuda.is_available() and not PartialState().use_distributed:
         model.to("cuda")
+    if quant is not None:
+        keep_4bit_cpu_math_in_compute_dtype(model)
     return model
+
+
+def keep_4bit_cpu_math_in_compute_dtype(model) -> int:
+    """Keep bitsandbytes from repacking 4-bit weights for its bf16 CPU kernel; returns how many layers it applies to.
+
+    On a CPU with AVX512-BF16, the first forward of a 4-bit layer in eval mode without grad repacks its weights
+    for a kernel that computes in bf16, whatever the compute dtype, and that has no backward. A training step
+    after any evaluation (an eval loss, a generation) then gets wrong LoRA gradients, and answers differ from
+    the same model's on another CPU. Without the repacking, bitsandbytes dequantizes to the compute dtype, as in
+    training. The switch is bitsandbytes' own attribute of each layer."""
+    layers = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            layers += 1
+    return layers
 
 
 def lora_config(args: ModelArguments):
