@@ -145,7 +145,7 @@ def test_gradient_checkpointing_keys_parse_without_deprecation_warnings():
         warnings.simplefilter("error", FutureWarning)
         _, _, training, _ = parse_recipe(["--config", "recipes/docvqa_qlora.yaml", "--precision", "fp32"])
     assert training.gradient_checkpointing is True
-    assert training.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    assert training.gradient_checkpointing_kwargs == {"use_reentrant": True}
     if hasattr(training, "activation_checkpointing"):  # the newer name, where transformers has it
         assert training.activation_checkpointing is True
 

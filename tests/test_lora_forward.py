@@ -25,11 +25,12 @@ def test_the_lean_forward_gives_peft_s_loss_and_gradients_on_4bit_layers():
     assert_same(before, loss_and_grads(model, batch))
 
 
-def test_the_lean_forward_with_dropout_draws_the_same_mask_under_gradient_checkpointing():
+@pytest.mark.parametrize("reentrant", [True, False])  # the 8B recipes' form, and the other families'
+def test_the_lean_forward_with_dropout_draws_the_same_mask_under_gradient_checkpointing(reentrant):
     from docvlm.lora_forward import lean_lora_forward
 
     model, batch = lora_model_and_batch("0.1")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # as the 8B recipes
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     model.enable_input_require_grads()
     torch.manual_seed(1)
     before = loss_and_grads(model, batch)

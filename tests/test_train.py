@@ -290,3 +290,47 @@ def test_the_process_group_is_destroyed_when_training_returns(tmp_path):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def first_step_gradients(out, reentrant: bool) -> dict:
+    """Every trainable weight's gradient at the first optimizer step of a tiny run with the flagship's memory
+    switches and decoder gradient checkpointing, reentrant or not."""
+    from transformers import TrainerCallback
+
+    grads = {}
+
+    class Record(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            if not grads:
+                grads.update(
+                    {
+                        n: None if p.grad is None else p.grad.clone()
+                        for n, p in model.named_parameters()
+                        if p.requires_grad
+                    }
+                )
+
+    argv = quick(out, "--max_steps", "1", "--max_train_samples", "4", "--eval_after_training", "false")
+    argv += ["--save_strategy", "no", "--report_to", "none", "--gradient_checkpointing", "true"]
+    argv += ["--gradient_checkpointing_kwargs", json.dumps({"use_reentrant": reentrant})]
+    argv += ["--connector_checkpointing", "true", "--connector_checkpoint_pages", "1"]
+    argv += ["--connector_perceiver_pages", "2", "--connector_lean_activations", "true"]
+    argv += ["--vision_tower_no_grad", "true", "--vision_feature_cache", "memory", "--lora_lean_forward", "true"]
+    run(argv, callbacks=[Record()])
+    return grads
+
+
+def test_reentrant_decoder_checkpointing_gives_every_lora_weight_the_same_gradient(tmp_path):
+    """The 8B recipes recompute the decoder with reentrant checkpointing (fewer hooks a step, docs/benchmarks.md).
+    That form passes gradients only through inputs that require them: if the decoder's input did not, its LoRA
+    weights would silently get none."""
+    plain = first_step_gradients(tmp_path / "hooks", reentrant=False)
+    reentrant = first_step_gradients(tmp_path / "reentrant", reentrant=True)
+    assert plain.keys() == reentrant.keys()
+    decoder = [name for name in plain if ".text_model.layers." in name and "lora_" in name]
+    assert decoder, "the tiny recipe adapts no decoder layer"
+    for name, grad in reentrant.items():
+        assert grad is not None, f"{name} got no gradient"
+        if "lora_B" in name:  # lora_A's first gradient is zero either way: lora_B starts at zero
+            assert grad.abs().sum() > 0, f"{name} got no gradient"
+        torch.testing.assert_close(grad, plain[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -43,6 +43,26 @@ def test_frozen_vision_tower_builds_no_graph(tiny_model_path, tiny_dataset_path)
     assert not frozen_vision_without_grad(torch.nn.Linear(2, 2))
 
 
+def test_the_frozen_tower_runs_its_layers_without_checkpointing_and_the_decoder_keeps_it():
+    """Under gradient checkpointing the frozen tower, run without grad, has nothing to recompute; on transformers
+    5.17 its layers were still checkpointed, and the reentrant form warned at each that gradients will be None."""
+    from docvlm.vision_tower import frozen_vision_without_grad, vision_tower
+
+    model, batch = peft_tiny_model_and_batch(size=2)
+    model.get_base_model().gradient_checkpointing_enable({"use_reentrant": True})
+    model.enable_input_require_grads()
+    base = model.get_base_model()
+    tower_layer, decoder_layer = vision_tower(base).encoder.layers[0], base.model.text_model.layers[0]
+    seen = []
+    for layer in (tower_layer, decoder_layer):
+        layer.register_forward_pre_hook(lambda module, _: seen.append((module, module.gradient_checkpointing)))
+    assert frozen_vision_without_grad(base)
+    loss_and_grads(model, batch)
+    assert (tower_layer, False) in seen and (tower_layer, True) not in seen
+    assert (decoder_layer, True) in seen  # checkpointing is paused in the tower only
+    assert tower_layer.gradient_checkpointing is True  # and back on after the call
+
+
 def test_an_offloaded_tower_waits_in_cpu_memory_and_comes_back_for_a_page_the_cache_missed(capsys):
     """vision_tower_offload: the callback offloads the tower at the start of training only when the cache holds
     every page, brings it back at the end, and a tower call while it is offloaded (a miss) restores it first."""

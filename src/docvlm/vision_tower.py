@@ -3,6 +3,8 @@ to every family whose tower docvlm can find (docvlm.families says which families
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from docvlm.errors import UserError
@@ -50,7 +52,10 @@ def frozen_vision_without_grad(model, pages_per_chunk: int = 0, cache=None) -> b
 
     def original(*args, **kwargs):  # every path that runs the tower: an offloaded one comes back first
         bring_back_for(tower, args[0] if args else kwargs.get("pixel_values"))
-        return tower_forward(*args, **kwargs)
+        if torch.is_grad_enabled():
+            return tower_forward(*args, **kwargs)
+        with checkpointing_paused(tower):
+            return tower_forward(*args, **kwargs)
 
     def in_chunks(pixel_values=None, patch_attention_mask=None, **kwargs):
         pages = 0 if pixel_values is None else pixel_values.shape[0]
@@ -92,6 +97,23 @@ def frozen_vision_without_grad(model, pages_per_chunk: int = 0, cache=None) -> b
 
     tower.forward = forward
     return True
+
+
+@contextmanager
+def checkpointing_paused(module: torch.nn.Module):
+    """Run `module` without gradient checkpointing in its layers, restored on exit.
+
+    Without grad there is nothing to recompute, but transformers 5.17 still checkpoints a layer in training mode
+    (5.24 no longer does): reentrant checkpointing, the 8B recipes' form, then warns that no input requires grad
+    and gradients will be None, which for a frozen tower is true and harmless."""
+    layers = [m for m in module.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    for layer in layers:
+        layer.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.gradient_checkpointing = True
 
 
 class TowerOffload:
