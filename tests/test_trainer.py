@@ -33,6 +33,9 @@ def test_answer_span_loss_matches_cross_entropy_over_the_whole_sequence():
 def test_trainer_loss_and_gradients_match_trl(trained):
     """On a real batch of the tiny model: our path and TRL's give the same loss and LoRA gradients."""
     _, trainer, _ = trained
+    # Any TrainingArguments built since (`docvlm eval` parses a recipe) resets accelerate's process-wide state under
+    # this run's trainer: give it a live accelerator again, so that the test does not depend on which tests ran first.
+    trainer.create_accelerator_and_postprocess()
     model = trainer.model
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     saved = trainer.args.loss_logits
