@@ -346,8 +346,9 @@ def test_fsdp_refuses_a_4bit_model_and_other_modes_refuse_what_was_not_verified_
 
 @pytest.mark.parametrize("mode", ["DDP", "DeepSpeed ZeRO-2", "DeepSpeed ZeRO-3", "FSDP"])
 def test_switches_measured_on_one_gpu_are_turned_off_where_they_cannot_apply_and_said(mode, monkeypatch):
-    """The shipped recipes offload the vision tower and use the lean LoRA forward on one GPU; launched on several,
-    the switches their mode cannot take are turned off with a line each, not refused (nor silently kept)."""
+    """The shipped recipes offload the vision tower and use the lean LoRA forward and fused norms on one GPU;
+    launched on several, the switches their mode cannot take are turned off with a line each, not refused (nor
+    silently kept)."""
     from docvlm.distributed import FSDP, SINGLE, ZERO3, prepare_recipe_for
 
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL", "true")
@@ -357,11 +358,13 @@ def test_switches_measured_on_one_gpu_are_turned_off_where_they_cannot_apply_and
     assert f"vision_tower_offload: false ({mode} needs every weight of the model on the GPU)" in changes
     assert not training_args.vision_tower_offload
     sharded = mode in (ZERO3, FSDP)
-    assert training_args.lora_lean_forward is not sharded
+    assert training_args.lora_lean_forward is not sharded and training_args.fused_rms_norms is not sharded
     assert any(c.startswith("lora_lean_forward: false") for c in changes) is sharded
+    assert any(c.startswith("fused_rms_norms: false") for c in changes) is sharded
     model_args, training_args = recipe_on_a_gpu("bf16")
-    assert not any("offload" in c or "lean" in c for c in prepare_recipe_for(SINGLE, model_args, training_args))
-    assert training_args.vision_tower_offload and training_args.lora_lean_forward
+    changes = prepare_recipe_for(SINGLE, model_args, training_args)
+    assert not any("offload" in c or "lean" in c or "fused" in c for c in changes)
+    assert training_args.vision_tower_offload and training_args.lora_lean_forward and training_args.fused_rms_norms
 
 
 def test_fsdp_refuses_two_kinds_of_activation_checkpointing(monkeypatch):

@@ -121,6 +121,53 @@ def test_lean_rms_norm_and_gated_product_match_autograd(dtype):
         assert torch.equal(a, b)  # the same kernels as autograd's, bit for bit
 
 
+def test_fused_rms_norm_rounds_once_and_differs_from_the_module_by_at_most_a_half_precision_step():
+    """The fused norm is the module's math rounded once, after the scale; its gradients are the module's."""
+    from transformers.models.mistral.modeling_mistral import MistralRMSNorm
+
+    from docvlm.families.idefics2 import _fused_rms_norm
+
+    torch.manual_seed(0)
+    norm = MistralRMSNorm(256, eps=1e-5).to(torch.bfloat16)
+    torch.nn.init.normal_(norm.weight, mean=1.0, std=0.3)
+    fused = _fused_rms_norm(norm)
+    hidden = torch.randn(4, 9, 256, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(4, 9, 256, dtype=torch.bfloat16)
+    got = fused(hidden)
+    full = hidden.detach().float()
+    once = (full * torch.rsqrt(full.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight.float()).to(torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, once)
+    module = norm(hidden)
+    assert not torch.equal(got, module)  # the module rounds twice: a check that would pass unfused means nothing
+    torch.testing.assert_close(got, module, rtol=2**-7, atol=1e-6)  # at most one bf16 step apart
+
+    # gradients against the module's own in fp32: within half precision's noise
+    reference = MistralRMSNorm(256, eps=1e-5)
+    reference.weight.data.copy_(norm.weight.float())
+    expected = torch.autograd.grad(reference(full.requires_grad_()), [full, reference.weight], grad.float())
+    got_grads = torch.autograd.grad(fused(hidden), [hidden, norm.weight], grad)
+    for name, a, b in zip(["hidden", "weight"], got_grads, expected, strict=True):
+        torch.testing.assert_close(a.float(), b, rtol=2e-2, atol=2e-2, msg=name)
+
+    # a weight in another dtype than the input: the module's forward, whose output takes the wider dtype
+    norm.float()
+    assert torch.equal(fused(hidden), norm(hidden)) and fused(hidden).dtype == torch.float32
+
+
+def test_fuse_rms_norms_changes_the_decoders_and_the_connectors_norms_only(tiny_model_path):
+    from transformers import AutoModelForImageTextToText
+
+    from docvlm.families.idefics2 import fuse_rms_norms
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_path)
+    norms = {name: module for name, module in model.named_modules() if type(module).__name__.endswith("RMSNorm")}
+    fused = fuse_rms_norms(model)
+    patched = {name for name, module in norms.items() if "forward" in vars(module)}
+    assert fused == len(patched) and patched == {n for n in norms if ".text_model." in n or ".connector." in n}
+    assert any(".connector." in name for name in patched) and any(".text_model." in name for name in patched)
+    assert fuse_rms_norms(torch.nn.Linear(2, 2)) == 0  # nothing to fuse
+
+
 @pytest.fixture(scope="module")
 def idefics2_8b_config():
     from docvlm import tiny

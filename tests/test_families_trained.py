@@ -207,6 +207,7 @@ def test_every_switch_keeps_loss_and_gradients_or_is_refused(name):
     plain = loss_and_grads(model, batch)
     on = {"vision_tower_no_grad": "true", "vision_tower_pages": "2", "connector_checkpointing": "true"}
     on.update(connector_lean_activations="true", vision_feature_cache="memory", compile_text_layers="true")
+    on.update(fused_rms_norms="true")
     for switch in MODULE_SWITCHES:
         argv = ["--config", recipe, *data, *off, f"--{switch}", on[switch]]
         if switch in ("vision_tower_pages", "vision_feature_cache"):  # both work through the frozen tower
@@ -227,4 +228,9 @@ def test_every_switch_keeps_loss_and_gradients_or_is_refused(name):
         if switch == "compile_text_layers":  # every decoder layer runs compiled code
             layers = switched.get_base_model().model.text_model.layers
             assert all(layer._compiled_call_impl is not None for layer in layers)
+        if switch == "fused_rms_norms":  # every norm of the decoder and the connector
+            inner = switched.get_base_model().model
+            for part in (inner.text_model, inner.connector):
+                norms = [m for m in part.modules() if type(m).__name__.endswith("RMSNorm")]
+                assert norms and all("forward" in vars(m) for m in norms)
         assert_same(plain, loss_and_grads(switched, batch))

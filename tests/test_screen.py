@@ -108,6 +108,43 @@ def test_on_bad_example_error_stops_with_the_list(screened):
         screen(train, collator, role_columns(data), "train", data.dataset_name, policy="error")
 
 
+def test_a_large_split_is_checked_in_threads_and_never_forks(tmp_path, processor, monkeypatch):
+    """From 512 rows on the check runs in several threads, and finds each bad row at its place. It never forks: by
+    then a GPU run holds a CUDA context, and processes forked from it stalled (a 1,000-row split on an H200)."""
+    import os
+    import threading
+
+    import docvlm.screen as screen_module
+
+    bad_at = {3: BAD["truncated_png"], 300: BAD["empty_question"], 599: BAD["one_pixel"]}
+    cases = {f"row_{i}": bad_at[i][:3] if i in bad_at else GOOD for i in range(600)}
+    data, _ = folder_with(tmp_path, cases)
+    train, _ = load_splits(data, need_eval=False)
+    collator = DocVQACollator(processor, "Answer briefly.", 512, "first")
+
+    def no_fork(*args, **kwargs):
+        raise AssertionError("the row check forked a process")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)  # several threads even on a 2-core machine
+    threads = set()
+    check_batch = screen_module._check_batch
+
+    def recording(batch, checker, columns):
+        threads.add((threading.current_thread().name, id(checker)))
+        return check_batch(batch, checker, columns)
+
+    monkeypatch.setattr(screen_module, "_check_batch", recording)
+    monkeypatch.setattr(screen_module, "_cache_file", lambda *args: None)  # checked here, not read from a cache
+    kept, problems = screen(train, collator, role_columns(data), "train", data.dataset_name)
+    assert [(p["row"], p["field"].split()[0]) for p in problems] == [(3, "file"), (300, "q"), (599, "file")]
+    assert len(kept) == 597
+    names = {name for name, _ in threads}
+    assert len(names) > 1 and all(name.startswith("check-rows") for name in names)
+    checkers = {checker for _, checker in threads}
+    assert len(checkers) == len(names) and id(collator) not in checkers  # each thread its own copy
+
+
 def test_a_sample_longer_than_max_length_is_skipped_whole_with_its_length(tmp_path, processor):
     data, _ = folder_with(tmp_path, {"short": GOOD, "long": (png(), "Q? " + "word " * 400, ["a"])})
     train, _ = load_splits(data, need_eval=False)

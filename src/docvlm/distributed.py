@@ -94,6 +94,9 @@ def prepare_recipe_for(mode: str, model_args, training_args) -> list[str]:
     if mode in (ZERO3, FSDP) and training_args.lora_lean_forward:
         training_args.lora_lean_forward = False
         changes.append(f"lora_lean_forward: false (not tested under {mode}, whose hooks gather the adapter's shards)")
+    if mode in (ZERO3, FSDP) and training_args.fused_rms_norms:
+        training_args.fused_rms_norms = False
+        changes.append(f"fused_rms_norms: false (not tested under {mode}, whose hooks gather the norms' shards)")
     if mode == ZERO3:
         # without it the Trainer saves DeepSpeed's shards instead, and the run folder holds no adapter
         config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")

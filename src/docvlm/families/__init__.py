@@ -25,6 +25,7 @@ MODULE_SWITCHES = {
     "connector_lean_activations": lambda args: bool(args.connector_lean_activations),
     "vision_feature_cache": lambda args: args.vision_feature_cache != "off",
     "compile_text_layers": lambda args: bool(args.compile_text_layers),
+    "fused_rms_norms": lambda args: bool(args.fused_rms_norms),
 }
 OFF = {"vision_tower_pages": "0", "vision_feature_cache": "off"}  # the recipe value that turns a switch off
 # Processor options a recipe can set (ModelArguments), with the value that means "set".
@@ -55,6 +56,7 @@ class Family:
     lean_connector: Callable | None = None
     checkpoint_connector: Callable | None = None
     compile_text_layers: Callable | None = None
+    fuse_rms_norms: Callable | None = None  # (model) -> how many norms were fused
     # (config, batch shapes, tower_runs) -> model FLOPs of a training micro-batch; None: not counted (bench, plan)
     training_flops: Callable | None = None
     # `docvlm plan`'s memory and speed model, measured with `make bench`; None: plan predicts neither
@@ -111,6 +113,7 @@ IDEFICS2 = Family(
     lean_connector=idefics2.lean_connector_activations,
     checkpoint_connector=idefics2.checkpoint_connector,
     compile_text_layers=idefics2.compile_text_layers,
+    fuse_rms_norms=idefics2.fuse_rms_norms,
     training_flops=idefics2.training_flops,
     plan_calibration=idefics2.PLAN_CALIBRATION,
 )
@@ -223,6 +226,9 @@ def apply_switches(family: Family, model, training_args):
     pages, perceiver = args.connector_checkpoint_pages, args.connector_perceiver_pages
     if args.connector_checkpointing and not (checkpoint and checkpoint(model, pages, perceiver)):
         raise UserError(f"connector_checkpointing is true, but this {family.name} model has no connector.")
+    # after connector_lean_activations, whose norms these replace: the fused ones keep as little
+    if args.fused_rms_norms and not (family.fuse_rms_norms and family.fuse_rms_norms(model)):
+        raise UserError(f"fused_rms_norms is true, but this {family.name} model has no RMSNorm to fuse.")
     if args.compile_text_layers and not (family.compile_text_layers and family.compile_text_layers(model)):
         raise UserError(f"compile_text_layers is true, but this {family.name} model has no decoder layers.")
     return cache

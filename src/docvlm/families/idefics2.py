@@ -1,6 +1,7 @@
 """Idefics2's connector (a perceiver resampler and a gated MLP projection): recomputed in the backward pass a few
-pages at a time, and made to keep fewer activations. These patches rely on the connector's call signature and
-modules, so only the Idefics2 family offers them (docvlm.families)."""
+pages at a time, and made to keep fewer activations; its decoder's layers compiled and its norms fused. These
+patches rely on the connector's call signature and modules, so only the Idefics2 family offers them
+(docvlm.families)."""
 
 from __future__ import annotations
 
@@ -97,6 +98,42 @@ def _lean_gated_mlp(mlp):
         return mlp.down_proj(_SiluTimes.apply(gate, mlp.up_proj(hidden)))
 
     return _when_training(mlp, forward)
+
+
+def fuse_rms_norms(model) -> int:
+    """Run every RMSNorm of Idefics2's decoder and connector as one fused kernel forward and one backward; returns
+    how many norms were changed.
+
+    Written by hand because transformers' RMSNorm is eight elementwise kernels forward and sixteen backward, and a
+    flagship step runs ~100 norms three times (forward, recompute, backward), ~2,700 of its ~15,500 launches by
+    count, on a host that cannot launch them as fast as the GPU runs them (docs/benchmarks.md). The fused kernel
+    computes the same statistics in fp32 and rounds once, after the scale, where the module rounds before it too:
+    outputs differ by at most one half-precision step. On CUDA it keeps the half-precision input and one fp32 scale
+    a row for the backward pass, as connector_lean_activations does; elsewhere torch's rms_norm runs the same math
+    op by op. Only instance forwards change: names and weights stay."""
+    fused = 0
+    inner = getattr(model, "model", None)
+    for part in (getattr(inner, "text_model", None), getattr(inner, "connector", None)):
+        for module in part.modules() if part is not None else ():
+            if type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
+                module.forward = _fused_rms_norm(module)
+                fused += 1
+    return fused
+
+
+def _fused_rms_norm(norm):
+    eps, original = norm.variance_epsilon, norm.forward
+
+    def forward(hidden):
+        weight = norm.weight
+        if weight.dtype != hidden.dtype:  # the module's output takes the wider dtype of the two: keep its forward
+            return original(hidden)
+        shape = (hidden.shape[-1],)
+        if hidden.is_cuda and hasattr(torch.ops.aten, "_fused_rms_norm"):  # torch's fused kernel and its backward
+            return torch.ops.aten._fused_rms_norm(hidden, list(shape), weight, eps)[0]
+        return torch.nn.functional.rms_norm(hidden, shape, weight, eps)  # the same math, op by op
+
+    return forward
 
 
 def checkpoint_connector(model, pages_per_chunk: int = 1, perceiver_pages: int | None = None) -> bool:
