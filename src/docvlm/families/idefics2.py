@@ -71,9 +71,8 @@ def lean_connector_activations(model) -> bool:
     connector = getattr(getattr(model, "model", None), "connector", None)
     if connector is None:
         return False
-    for module in connector.modules():
-        if type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
-            module.forward = _lean_rms_norm(module)
+    for norm in _rms_norms(connector):
+        norm.forward = _lean_rms_norm(norm)
     mlp = getattr(connector, "modality_projection", None)
     if mlp is not None and type(getattr(mlp, "act_fn", None)).__name__ in SILU_MODULES:
         mlp.forward = _lean_gated_mlp(mlp)
@@ -111,14 +110,17 @@ def fuse_rms_norms(model) -> int:
     outputs differ by at most one half-precision step. On CUDA it keeps the half-precision input and one fp32 scale
     a row for the backward pass, as connector_lean_activations does; elsewhere torch's rms_norm runs the same math
     op by op. Only instance forwards change: names and weights stay."""
-    fused = 0
     inner = getattr(model, "model", None)
-    for part in (getattr(inner, "text_model", None), getattr(inner, "connector", None)):
-        for module in part.modules() if part is not None else ():
-            if type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
-                module.forward = _fused_rms_norm(module)
-                fused += 1
-    return fused
+    norms = _rms_norms(getattr(inner, "text_model", None)) + _rms_norms(getattr(inner, "connector", None))
+    for norm in norms:
+        norm.forward = _fused_rms_norm(norm)
+    return len(norms)
+
+
+def _rms_norms(part) -> list[torch.nn.Module]:
+    """The RMSNorms of `part` (none where it is None): Mistral's in the decoder, Idefics2's in the connector."""
+    modules = part.modules() if part is not None else ()
+    return [m for m in modules if type(m).__name__.endswith("RMSNorm") and hasattr(m, "variance_epsilon")]
 
 
 def _fused_rms_norm(norm):
