@@ -120,6 +120,30 @@ def test_plan_checks_measures_and_warns_when_a_run_will_not_fit(idefics2_8b_fold
     assert "not modelled" not in capsys.readouterr().out
 
 
+def test_the_planned_cache_size_is_what_the_fill_stores(tmp_path, capsys):
+    """The plan counts every value of the cached features at the size the tower gives them to the connector (fp32
+    under autocast: its last LayerNorm runs in fp32), as the fill stores them."""
+    import re
+
+    from docvlm.train import run
+    from tests.helpers import quick
+
+    argv = quick(tmp_path, "--vision_feature_cache", "memory", "--max_steps", "1", "--save_strategy", "no")
+    trainer, _ = run([*argv, "--eval_after_training", "false"])
+    stored = trainer.feature_cache.stored_bytes
+    assert (
+        plan.main([*argv[:2], "--max_train_samples", "16", "--sample", "16", "--vision_feature_cache", "memory"]) == 0
+    )
+    planned = float(re.search(r"cache +([\d.]+) MiB of vision features", capsys.readouterr().out).group(1))
+    assert planned == pytest.approx(stored / 2**20, rel=0.02)
+    # a bound 3% under that, in GB (10^9 bytes) for both: the plan warns, and the cache leaves pages out
+    bound = ["--vision_feature_cache_max_gb", f"{stored * 0.97 / 1e9:.9f}"]
+    trainer, _ = run([*argv, "--eval_after_training", "false", "--overwrite_output_dir", "true", *bound])
+    assert trainer.feature_cache.not_stored > 0 and trainer.feature_cache.stored_bytes <= stored * 0.97
+    plan.main([*argv[:2], "--max_train_samples", "16", "--sample", "16", "--vision_feature_cache", "memory", *bound])
+    assert "WARNING: over the bound" in capsys.readouterr().out
+
+
 def test_plan_stops_with_the_errors_training_gives(tmp_path, capsys):
     from docvlm.errors import UserError
     from docvlm.train import run

@@ -126,6 +126,9 @@ def test_filling_before_training_stores_every_page_in_batches_with_a_progress_ba
     assert calls == [3, 1]  # the pages of 3 rows in one tower call, then the last row's
     assert (cache.misses, cache.hits, len(cache.memory)) == (4, 0, 4) and seconds == cache.fill_seconds > 0
     assert 0 < cache.fill_startup_seconds < seconds  # the wait for the first batch, part of the fill
+    assert (
+        0 <= cache.fill_page_wait_seconds < seconds - cache.fill_startup_seconds and cache.fill_disk_wait_seconds >= 0
+    )
     assert "Vision feature cache: 100%" in capsys.readouterr().err  # the progress bar
     del tower.forward
     patched(model, cache)
@@ -134,6 +137,53 @@ def test_filling_before_training_stores_every_page_in_batches_with_a_progress_ba
     fill_feature_cache(model.get_base_model(), cache, rows, processor.image_processor, 4, 0, nullcontext())
     assert (cache.misses, cache.hits, cache.held) == (4, 4, 4)  # a second fill computes and reads nothing
     assert "4 found stored before training" in cache.summary() and "filled before training in" in cache.summary()
+    patched(model, None)
+
+
+def test_a_fill_says_how_long_it_waited_for_pages_and_for_the_disk(tmp_path, tiny_model_and_processor, monkeypatch):
+    """A slow fill names what holds it back: pages decoded too slowly show as time waiting for pages (beyond the
+    first batch's start-up), slow writes as time waiting for the disk; the rest is the tower's."""
+    import time
+    from contextlib import nullcontext
+
+    import safetensors.torch
+
+    from docvlm.vision_cache import PageBatches, fill_feature_cache
+
+    model, processor = tiny_model_and_processor
+    tower = patched(model, None)
+    cache = FeatureCache("disk", tmp_path, tower_identity(tower), 2**30)
+    patched(model, cache)
+    decode, save = PageBatches.__call__, safetensors.torch.save_file
+    monkeypatch.setattr(PageBatches, "__call__", lambda self, rows: time.sleep(0.3) or decode(self, rows))
+    monkeypatch.setattr(safetensors.torch, "save_file", lambda *args: time.sleep(0.4) or save(*args))
+    rows = [{"row": i, "image": noisy_page(size, i)} for i, size in enumerate(SIZES)]
+    fill_feature_cache(model.get_base_model(), cache, rows, processor.image_processor, 1, 0, nullcontext())
+    assert cache.fill_startup_seconds >= 0.3 and cache.fill_page_wait_seconds >= 3 * 0.3  # 3 batches after the first
+    assert cache.fill_disk_wait_seconds >= 0.3  # 2 writer threads, 0.4 s an entry: the last ones are waited for
+    summary = cache.summary()
+    assert f"then {cache.fill_page_wait_seconds:.1f} s waiting for pages and " in summary
+    assert f"{cache.fill_disk_wait_seconds:.1f} s for the disk" in summary
+    patched(model, None)
+
+
+def test_a_page_asked_twice_in_a_fill_is_stored_and_counted_once(tmp_path, tiny_model_and_processor):
+    """Several questions on one page put it in a batch twice, or in two batches: one entry on disk, counted
+    once against the bound, and the later batch finds it stored (DocVQA asks several questions of most pages)."""
+    from contextlib import nullcontext
+
+    from docvlm.vision_cache import fill_feature_cache
+
+    model, processor = tiny_model_and_processor
+    tower = patched(model, None)
+    cache = FeatureCache("disk", tmp_path, tower_identity(tower), 2**30)
+    patched(model, cache)
+    pages = [noisy_page(size, seed) for seed, size in enumerate(SIZES[:3])]
+    rows = [{"row": i, "image": pages[n]} for i, n in enumerate([0, 1, 0, 2, 0])]  # batches of 3: [0 1 0] [2 0]
+    fill_feature_cache(model.get_base_model(), cache, rows, processor.image_processor, 3, 0, nullcontext())
+    on_disk = sorted(tmp_path.rglob("*.safetensors"))
+    assert len(on_disk) == 3 and cache.stored_bytes == sum(p.stat().st_size for p in on_disk)
+    assert cache.held == 1 and not list(tmp_path.rglob("*.partial"))
     patched(model, None)
 
 

@@ -509,7 +509,7 @@ def run_recipe(
     try:
         trainer, _ = train.run(argv, callbacks=[timer])
     finally:
-        shutil.rmtree(features, ignore_errors=True)  # ~8.7 MB a page: not left behind by every bench run
+        shutil.rmtree(features, ignore_errors=True)  # ~17 MB a page: not left behind by every bench run
     args = trainer.args
     samples = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     result = summarize(timer, samples)
@@ -517,6 +517,8 @@ def run_recipe(
     if cache is not None and cache.fill_seconds is not None:
         result["cache_fill_s"], result["cache_fill_pages"] = cache.fill_seconds, cache.fill_pages
         result["cache_fill_startup_s"] = cache.fill_startup_seconds
+        result["cache_fill_page_wait_s"] = cache.fill_page_wait_seconds
+        result["cache_fill_disk_wait_s"] = cache.fill_disk_wait_seconds
     if check_reload:
         result["reload_max_logit_diff"] = reload_logit_difference(trainer, trainer.train_dataset)
     return result

@@ -282,7 +282,7 @@ class TrainConfig(SFTConfig):
     )
     vision_feature_cache_max_gb: float = field(
         default=50.0,
-        metadata={"help": "Most the cache may hold; pages beyond it are recomputed each time, and counted."},
+        metadata={"help": "Most the cache may hold, in GB; pages beyond it are recomputed each time, and counted."},
     )
     cuda_expandable_segments: bool = field(
         default=False,

@@ -266,10 +266,13 @@ def plan(argv: list[str]) -> int:
     if stats.patches:
         lines.append(f"    patches  {_describe(stats.patches)} (the vision tower's input, {max(stats.pages)} page(s))")
     if training_args.vision_feature_cache != "off" and stats.patches:
-        feature_bytes = 2 * vision.hidden_size * statistics.fmean(stats.patches) * rows
+        # 4 bytes a value: the tower's last LayerNorm runs in fp32 under autocast, and the cache keeps its
+        # output as the connector receives it
+        feature_bytes = 4 * vision.hidden_size * statistics.fmean(stats.patches) * rows
         limit = training_args.vision_feature_cache_max_gb
+        size = f"{feature_bytes / GIB:.1f} GiB" if feature_bytes >= GIB else f"{feature_bytes / 2**20:.2f} MiB"
         lines.append(
-            f"  cache      {feature_bytes / GIB:.1f} GiB of vision features ({training_args.vision_feature_cache}; "
+            f"  cache      {size} of vision features ({training_args.vision_feature_cache}; "
             f"at most {limit:g} GB)"
             + ("  WARNING: over the bound, some pages are recomputed" if feature_bytes / 1e9 > limit else "")
         )

@@ -133,6 +133,8 @@ class FeatureCache:
         self.hits = self.misses = self.not_stored = self.held = 0  # held: found stored while filling
         self.filling, self.fill_seconds, self.fill_pages = False, None, 0  # fill_feature_cache
         self.fill_startup_seconds = None  # of fill_seconds: until the first batch was ready (workers starting)
+        # of fill_seconds after the start-up: waiting for decoded pages, and for the last entries to reach the disk
+        self.fill_page_wait_seconds = self.fill_disk_wait_seconds = 0.0
         self.stored_bytes = self._bytes_on_disk() if self.folder else 0
         # Disk entries are written by a background thread while the GPU goes on; `writing` holds them until they
         # are on disk, and flush() waits for them (and raises what a write raised, e.g. a full disk).
@@ -188,6 +190,8 @@ class FeatureCache:
         return found
 
     def put(self, key: str, features: torch.Tensor) -> None:
+        if key in self.memory or key in self.writing:
+            return  # a page twice in one batch (several questions on it): stored, counted and written once
         features = features.detach().to("cpu", copy=True).contiguous()  # never a view of the batch's tensor
         size = features.numel() * features.element_size()
         if self.folder is not None:
@@ -248,7 +252,11 @@ class FeatureCache:
             line += f"{self.held} found stored before training, "
         line += f"{self.stored_bytes / 2**20:.1f} MiB {where}"
         if self.fill_seconds is not None:
-            line += f"; filled before training in {self.fill_seconds:.1f} s"
+            line += (
+                f"; filled before training in {self.fill_seconds:.1f} s ({self.fill_startup_seconds or 0:.1f} s to "
+                f"the first pages, then {self.fill_page_wait_seconds:.1f} s waiting for pages and "
+                f"{self.fill_disk_wait_seconds:.1f} s for the disk)"
+            )
         if self.not_stored:
             line += f"; {self.not_stored} pages not stored (over vision_feature_cache_max_gb)"
         return line + "."
@@ -362,7 +370,9 @@ def fill_feature_cache(model, cache: FeatureCache, rows, image_processor, batch_
     training starts, with a progress bar (on the main process); `context`: the training's autocast, so the
     features are the ones a training step would compute. Returns the seconds it took, of which
     `cache.fill_startup_seconds` went to waiting for the first batch (the DataLoader's workers starting: paid once
-    a fill, however many pages it has)."""
+    a fill, however many pages it has), `cache.fill_page_wait_seconds` to waiting for the later batches' pages, and
+    `cache.fill_disk_wait_seconds` to the last writes: what is left is the tower's, so a slow fill says whether the
+    CPU, the disk or the GPU holds it back."""
     import time
 
     from accelerate import PartialState
@@ -374,7 +384,7 @@ def fill_feature_cache(model, cache: FeatureCache, rows, image_processor, batch_
     collate = PageBatches(image_processor, patch_size)
     loader = DataLoader(rows, batch_size=batch_size, collate_fn=collate, num_workers=workers)
     started, computed, cache.filling = time.perf_counter(), cache.misses, True
-    cache.fill_startup_seconds = None
+    cache.fill_startup_seconds, cache.fill_page_wait_seconds = None, 0.0
     try:
         with (
             torch.no_grad(),
@@ -383,9 +393,12 @@ def fill_feature_cache(model, cache: FeatureCache, rows, image_processor, batch_
                 total=len(rows), desc="Vision feature cache", unit="row", disable=not PartialState().is_main_process
             ) as bar,
         ):
+            asked = started  # when the loop last asked the loader for a batch
             for batch in loader:
                 if cache.fill_startup_seconds is None:
                     cache.fill_startup_seconds = time.perf_counter() - started
+                else:
+                    cache.fill_page_wait_seconds += time.perf_counter() - asked
                 cache.expect(batch.pop(PAGE_DIGESTS))
                 inputs = {key: value.to(device) for key, value in batch.items()}
                 try:
@@ -393,7 +406,10 @@ def fill_feature_cache(model, cache: FeatureCache, rows, image_processor, batch_
                 except PagesStored:
                     pass
                 bar.update(len(batch["pixel_values"]))
+                asked = time.perf_counter()
+        flushing = time.perf_counter()
         cache.flush()  # a full disk stops here, before training
+        cache.fill_disk_wait_seconds = time.perf_counter() - flushing
     finally:
         cache.filling = False
     cache.fill_seconds, cache.fill_pages = time.perf_counter() - started, cache.misses - computed

@@ -216,7 +216,7 @@ def apply_switches(family: Family, model, training_args):
         from docvlm.vision_cache import FeatureCache, tower_identity
 
         folder = args.vision_feature_cache_dir or Path(tiny.cache_root()) / "vision-features"
-        limit = int(args.vision_feature_cache_max_gb * 2**30)
+        limit = int(args.vision_feature_cache_max_gb * 1e9)  # GB, as its name and `docvlm plan` say
         cache = FeatureCache(args.vision_feature_cache, folder, tower_identity(vision_tower(model)), limit)
     if args.vision_tower_no_grad and not frozen_vision_without_grad(model, args.vision_tower_pages, cache):
         raise UserError(f"vision_tower_no_grad is true, but this {family.name} model has no vision tower to skip.")
