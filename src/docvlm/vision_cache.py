@@ -190,8 +190,8 @@ class FeatureCache:
         return found
 
     def put(self, key: str, features: torch.Tensor) -> None:
-        if key in self.memory or key in self.writing:
-            return  # a page twice in one batch (several questions on it): stored, counted and written once
+        if self.holds(key):
+            return  # a page asked twice (several questions on it): stored, counted and written once
         features = features.detach().to("cpu", copy=True).contiguous()  # never a view of the batch's tensor
         size = features.numel() * features.element_size()
         if self.folder is not None:
