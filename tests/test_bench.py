@@ -135,7 +135,7 @@ def test_the_whole_run_projection_pays_for_filling_the_cache_and_the_table_shows
 
     plain = {"samples_per_s": 4.0, "s_per_step": 4.0, "first_loss": None}
     cached = {"samples_per_s": 20.0, "s_per_step": 0.8, "first_loss": None, "achieved_tflops": 123.4, "mfu": 0.1248}
-    cached.update(cache_fill_s=10.0, cache_fill_pages=200)  # 0.05 s a page
+    cached.update(cache_fill_s=10.0, cache_fill_pages=200, cache_fill_rows=200)  # 0.05 s a page
     steps_s = PROJECTED_EPOCHS * PROJECTED_PAGES / 20.0
     assert projected_minutes(cached) * 60 == pytest.approx(steps_s + 0.05 * PROJECTED_PAGES)
     assert projected_minutes(plain) * 60 == pytest.approx(PROJECTED_EPOCHS * PROJECTED_PAGES / 4.0)
@@ -149,3 +149,7 @@ def test_the_whole_run_projection_pays_for_filling_the_cache_and_the_table_shows
     cached["cache_fill_startup_s"] = 4.0  # of the 10 s: 6 s for 200 pages
     assert projected_minutes(cached) * 60 == pytest.approx(steps_s + 4.0 + 0.03 * PROJECTED_PAGES)
     assert "| 0.030 |" in table({"baseline": plain, "docvqa_qlora": cached})
+    # hires: 5 crops a page, each a tower page of the cache; a whole run fills 5,000 of them for its 1,000 pages
+    cached.update(cache_fill_pages=1000)  # the same 200 rows
+    assert projected_minutes(cached) * 60 == pytest.approx(steps_s + 4.0 + 0.03 * PROJECTED_PAGES)
+    assert "| 0.030 |" in table({"baseline": plain, "docvqa_qlora_hires": cached})

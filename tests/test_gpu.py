@@ -214,3 +214,34 @@ def test_fused_rms_norm_runs_one_kernel_each_way_on_cuda_and_matches_the_cpu_mat
     reference = torch.nn.functional.rms_norm(hidden.float(), (4096,), norm.weight.float(), 1e-5)
     torch.testing.assert_close(out.float(), reference, rtol=2**-8, atol=1e-6)  # rounded once
     torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_a_disk_cache_filled_on_cuda_stores_what_copying_page_by_page_stores(tmp_path):
+    """The fill copies each tower call's features to CPU memory without waiting and writes them once the copy
+    completes (FeatureCache.host_copy); a memory cache copies page by page, waiting for each. Filled on the GPU
+    under the training's autocast, with pages of four sizes (views that are not contiguous), both hold the same
+    features bit for bit."""
+    from safetensors.torch import load_file
+
+    from docvlm.vision_cache import FeatureCache, fill_feature_cache, tower_identity
+    from tests.test_vision_cache import SIZES, load_tiny_model_and_processor, noisy_page, patched
+
+    model, processor = load_tiny_model_and_processor()
+    model.to("cuda")
+    tower = patched(model, None)
+    rows = [{"row": i, "image": noisy_page(size, i)} for i, size in enumerate(SIZES * 2)]  # 8 pages, batches of 3
+    identity = tower_identity(tower)
+    caches = {
+        "memory": FeatureCache("memory", None, identity, 2**30),
+        "disk": FeatureCache("disk", tmp_path, identity, 2**30),
+    }
+    for cache in caches.values():
+        patched(model, cache)
+        context = torch.autocast("cuda", dtype=torch.bfloat16)
+        fill_feature_cache(model.get_base_model(), cache, rows, processor.image_processor, 3, 0, context)
+    entries = {path.stem: load_file(path)["features"] for path in tmp_path.rglob("*.safetensors")}
+    assert len(entries) == len(rows) == len(caches["memory"].memory)
+    for key, features in caches["memory"].memory.items():
+        assert torch.equal(entries[key], features), key
+    assert not any(torch.equal(entries[key], torch.zeros_like(entries[key])) for key in entries)
+    patched(model, None)

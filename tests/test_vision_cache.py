@@ -33,8 +33,8 @@ def mixed_batch(processor, seed=0):
     return DocVQACollator(processor, "Answer briefly.", 512, "first")(rows)
 
 
-@pytest.fixture(scope="module")
-def tiny_model_and_processor():
+def load_tiny_model_and_processor():
+    """The tiny recipe's LoRA model (fp32, CPU) and its processor."""
     from transformers import AutoProcessor
 
     from docvlm import tiny
@@ -42,6 +42,11 @@ def tiny_model_and_processor():
     torch.manual_seed(0)
     model, _ = peft_tiny_model_and_batch(1)
     return model, AutoProcessor.from_pretrained(tiny.resolve(tiny.TINY_MODEL))
+
+
+@pytest.fixture(scope="module")
+def tiny_model_and_processor():
+    return load_tiny_model_and_processor()
 
 
 def patched(model, cache):
@@ -167,6 +172,26 @@ def test_a_fill_says_how_long_it_waited_for_pages_and_for_the_disk(tmp_path, tin
     patched(model, None)
 
 
+def test_a_fill_counts_the_rows_it_went_through_apart_from_the_tower_pages_it_computed(tiny_model_and_processor):
+    """With do_image_splitting (hires) a row's page reaches the tower as 5 pages, 4 crops and the whole page, each
+    an entry of the cache; `make bench` projects a whole run's fill by the row, so the fill counts both."""
+    import copy
+    from contextlib import nullcontext
+
+    from docvlm.vision_cache import fill_feature_cache
+
+    model, processor = tiny_model_and_processor
+    tower = patched(model, None)
+    cache = FeatureCache("memory", None, tower_identity(tower), 2**30)
+    patched(model, cache)
+    splitting = copy.deepcopy(processor.image_processor)
+    splitting.do_image_splitting = True
+    rows = [{"row": i, "image": noisy_page(size, i)} for i, size in enumerate(SIZES[:2])]
+    fill_feature_cache(model.get_base_model(), cache, rows, splitting, 2, 0, nullcontext())
+    assert (cache.fill_rows, cache.fill_pages, len(cache.memory)) == (2, 10, 10)
+    patched(model, None)
+
+
 def test_a_page_asked_twice_in_a_fill_is_stored_and_counted_once(tmp_path, tiny_model_and_processor):
     """Several questions on one page put it in a batch twice, or in two batches: one entry on disk, counted
     once against the bound, and the later batch finds it stored (DocVQA asks several questions of most pages)."""
@@ -257,6 +282,40 @@ def test_a_full_disk_stops_with_what_to_do_and_leaves_no_partial_entry(tmp_path,
         cache.flush()
     assert list(tmp_path.rglob("*")) == [p for p in tmp_path.rglob("*") if p.is_dir()]  # no file left behind
     assert cache.get("ab" * 32) is None
+
+
+def test_an_entry_copied_without_waiting_is_written_and_read_only_once_its_copy_is_complete(tmp_path):
+    """On CUDA a fill copies each tower call's features to CPU memory without waiting (FeatureCache.host_copy) and
+    hands the cache a view of that copy with the event that completes it: neither the writer nor a read may touch
+    the view before then. Here a gate stands in for the event, and the page's view is not contiguous (a page
+    smaller than its batch's padded grid)."""
+    import threading
+    import time
+
+    from safetensors.torch import load_file
+
+    class CopyInFlight:  # torch.cuda.Event's synchronize(), released by the test instead of the GPU
+        def __init__(self):
+            self.done, self.waits = threading.Event(), 0
+
+        def synchronize(self):
+            self.waits += 1
+            assert self.done.wait(10)
+
+    cache = FeatureCache("disk", tmp_path, "tower" * 4, max_bytes=2**30)
+    host = torch.zeros(2, 4, 6, 5)  # a batch's copy: 2 pages on a 4 x 6 patch grid, width 5
+    page = torch.arange(3 * 4 * 5, dtype=torch.float32).view(3, 4, 5)  # the page's real 3 x 4 patches
+    copy = CopyInFlight()
+    cache.put("cd" * 32, host[1, :3, :4], copy)
+    time.sleep(0.3)
+    assert copy.waits == 1 and not list(tmp_path.rglob("*.safetensors*"))  # the writer waits for the copy
+    host[1, :3, :4] = page  # the copy lands, then completes
+    copy.done.set()
+    assert torch.equal(cache.get("cd" * 32), page.view(12, 5)) and copy.waits >= 2  # read back laid out
+    cache.flush()
+    (entry,) = tmp_path.rglob("*.safetensors")
+    assert torch.equal(load_file(entry)["features"], page.view(12, 5))
+    assert cache.stored_bytes == entry.stat().st_size
 
 
 def test_the_cache_is_refused_for_a_trained_tower_and_where_it_cannot_apply(tiny_model_and_processor, monkeypatch):

@@ -516,6 +516,7 @@ def run_recipe(
     cache = getattr(trainer, "feature_cache", None)
     if cache is not None and cache.fill_seconds is not None:
         result["cache_fill_s"], result["cache_fill_pages"] = cache.fill_seconds, cache.fill_pages
+        result["cache_fill_rows"] = cache.fill_rows  # what the projection counts: hires has 5 tower pages a row
         result["cache_fill_startup_s"] = cache.fill_startup_seconds
         result["cache_fill_page_wait_s"] = cache.fill_page_wait_seconds
         result["cache_fill_disk_wait_s"] = cache.fill_disk_wait_seconds
@@ -583,9 +584,10 @@ def projected_minutes(result: dict) -> float:
 
 
 def fill_seconds_a_page(result: dict) -> float:
-    """The fill's seconds a page once its first batch was ready (all of it where the start-up was not recorded)."""
+    """The fill's seconds a document page (a training row) once its first batch was ready (all of it where the
+    start-up was not recorded). A row is one tower page, or 5 crops with do_image_splitting (hires)."""
     startup = result.get("cache_fill_startup_s") or 0.0
-    return (result["cache_fill_s"] - startup) / result["cache_fill_pages"]
+    return (result["cache_fill_s"] - startup) / result["cache_fill_rows"]
 
 
 def _number(key: str, digits: int = 2, scale: float = 1.0):

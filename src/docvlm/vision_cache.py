@@ -131,7 +131,9 @@ class FeatureCache:
         self.memory: dict[str, torch.Tensor] = {}
         self.folder = Path(folder) / identity[:16] if mode == "disk" else None
         self.hits = self.misses = self.not_stored = self.held = 0  # held: found stored while filling
-        self.filling, self.fill_seconds, self.fill_pages = False, None, 0  # fill_feature_cache
+        # fill_feature_cache: the tower's pages it computed, and the rows (document pages) it went through; they
+        # differ where a page is cut into crops (do_image_splitting: 5 tower pages a row) or asked twice
+        self.filling, self.fill_seconds, self.fill_pages, self.fill_rows = False, None, 0, 0
         self.fill_startup_seconds = None  # of fill_seconds: until the first batch was ready (workers starting)
         # of fill_seconds after the start-up: waiting for decoded pages, and for the last entries to reach the disk
         self.fill_page_wait_seconds = self.fill_disk_wait_seconds = 0.0
@@ -178,7 +180,10 @@ class FeatureCache:
     def get(self, key: str) -> torch.Tensor | None:
         found = self.memory.get(key)
         if found is None and key in self.writing:
-            found = self.writing[key][0]
+            found, _, _, copied = self.writing[key]
+            if copied is not None:  # a view of host_copy's tensor, as put() stored it
+                copied.synchronize()
+                found = found.reshape(-1, found.shape[-1])
         elif found is None and self.folder is not None and self._path(key).exists():
             from safetensors.torch import load_file
 
@@ -189,10 +194,26 @@ class FeatureCache:
             self.hits += 1
         return found
 
-    def put(self, key: str, features: torch.Tensor) -> None:
+    def host_copy(self, features: torch.Tensor):
+        """A tower call's features on their way to a disk cache: copied to (pinned) CPU memory without waiting, with
+        the CUDA event after which the copy is complete, so the GPU goes on with the next pages while the writer
+        threads wait for it (a page-by-page copy into new pageable memory stalled the GPU ~5-8 ms a page,
+        docs/benchmarks.md). (features, None) where nothing is to wait for: a memory cache, which keeps its own
+        pageable copies, or features already on the CPU."""
+        if self.folder is None or not features.is_cuda:
+            return features, None
+        host = features.detach().to("cpu", non_blocking=True)  # pinned, released once every entry is written
+        copied = torch.cuda.Event()
+        copied.record(torch.cuda.current_stream(features.device))
+        return host, copied
+
+    def put(self, key: str, features: torch.Tensor, copied: torch.cuda.Event | None = None) -> None:
+        """Store a page's (patches, width) features; `copied`: the event after which `features`, a (rows, columns,
+        width) view of host_copy's tensor, hold their values (the write waits for it, then lays them out)."""
         if self.holds(key):
             return  # a page asked twice (several questions on it): stored, counted and written once
-        features = features.detach().to("cpu", copy=True).contiguous()  # never a view of the batch's tensor
+        if copied is None:
+            features = features.detach().to("cpu", copy=True).contiguous()  # never a view of the batch's tensor
         size = features.numel() * features.element_size()
         if self.folder is not None:
             size += ENTRY_HEADER_BYTES  # counted before the write, corrected to the file's size after it
@@ -208,10 +229,11 @@ class FeatureCache:
             from concurrent.futures import ThreadPoolExecutor
 
             self._writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="docvlm-feature-cache")
-        self.writing[key] = (features, size, self._writer.submit(self._write, key, features))
+        write = self._writer.submit(self._write, key, features, copied)
+        self.writing[key] = (features, size, write, copied)
 
     def _raise_failed_writes(self, wait: bool = False) -> None:
-        for key, (_, size, future) in list(self.writing.items()):
+        for key, (_, size, future, _) in list(self.writing.items()):
             if wait or future.done():
                 del self.writing[key]
                 self.stored_bytes += future.result() - size  # the size on disk, header included; raises errors
@@ -223,10 +245,13 @@ class FeatureCache:
         finally:
             self.writing.clear()
 
-    def _write(self, key: str, features: torch.Tensor) -> int:
-        """Write one entry whole; returns its size on disk."""
+    def _write(self, key: str, features: torch.Tensor, copied=None) -> int:
+        """Write one entry whole, once its copy is complete; returns its size on disk."""
         from safetensors.torch import save_file
 
+        if copied is not None:  # a view of host_copy's tensor: read it once the copy is complete
+            copied.synchronize()
+            features = features.reshape(-1, features.shape[-1]).contiguous()
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
@@ -294,11 +319,12 @@ def _compute_and_store(compute, cache, pixel_values, patch_mask, extents, keys, 
     pixels = pixel_values[pages, :, : rows * patch_size, : cols * patch_size]
     hidden = compute(pixel_values=pixels, patch_attention_mask=patch_mask[pages, :rows, :cols], **kwargs)
     hidden = hidden.last_hidden_state.view(len(pages), rows, cols, -1)
+    host, copied = cache.host_copy(hidden)
     computed = {}
     for index, page in enumerate(pages):
         h, w = extents[page]
         computed[page] = hidden[index, :h, :w].reshape(h * w, -1)
-        cache.put(keys[page], computed[page])
+        cache.put(keys[page], host[index, :h, :w] if copied else computed[page], copied)
     return computed
 
 
@@ -413,4 +439,5 @@ def fill_feature_cache(model, cache: FeatureCache, rows, image_processor, batch_
     finally:
         cache.filling = False
     cache.fill_seconds, cache.fill_pages = time.perf_counter() - started, cache.misses - computed
+    cache.fill_rows = len(rows)
     return cache.fill_seconds
