@@ -181,9 +181,7 @@ class FeatureCache:
         found = self.memory.get(key)
         if found is None and key in self.writing:
             found, _, _, copied = self.writing[key]
-            if copied is not None:  # a view of host_copy's tensor, as put() stored it
-                copied.synchronize()
-                found = found.reshape(-1, found.shape[-1])
+            found = _once_copied(found, copied)
         elif found is None and self.folder is not None and self._path(key).exists():
             from safetensors.torch import load_file
 
@@ -249,9 +247,7 @@ class FeatureCache:
         """Write one entry whole, once its copy is complete; returns its size on disk."""
         from safetensors.torch import save_file
 
-        if copied is not None:  # a view of host_copy's tensor: read it once the copy is complete
-            copied.synchronize()
-            features = features.reshape(-1, features.shape[-1]).contiguous()
+        features = _once_copied(features, copied).contiguous()
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
@@ -285,6 +281,15 @@ class FeatureCache:
         if self.not_stored:
             line += f"; {self.not_stored} pages not stored (over vision_feature_cache_max_gb)"
         return line + "."
+
+
+def _once_copied(features: torch.Tensor, copied) -> torch.Tensor:
+    """A page as put() got it, readable: where `copied` is given, a (rows, columns, width) view of host_copy's
+    tensor, waited for and laid out as (patches, width) like every other entry."""
+    if copied is None:
+        return features
+    copied.synchronize()
+    return features.reshape(-1, features.shape[-1])
 
 
 def page_extents(patch_mask: torch.Tensor) -> list[tuple[int, int]]:
