@@ -31,18 +31,58 @@ def test_connector_checkpointing_keeps_loss_and_gradients(tiny_model_path, tiny_
     assert not checkpoint_connector(torch.nn.Linear(2, 2))  # no connector: nothing to patch
 
     # the projection page by page and the perceiver all 4 pages at once: the same loss and gradients
-    projected, perceived = [], []
+    projected, perceived, layer_calls = [], [], []
     connector.modality_projection.register_forward_pre_hook(lambda module, args: projected.append(args[0].shape[0]))
     connector.perceiver_resampler.register_forward_pre_hook(
         lambda module, args, kwargs: perceived.append(kwargs["context"].shape[0]), with_kwargs=True
     )
+    for layer in connector.perceiver_resampler.layers:  # a module inside: a recompute calls the layer's forward
+        layer.self_attn.register_forward_pre_hook(lambda *_: layer_calls.append(1))
     connector.forward = original
     assert checkpoint_connector(model.get_base_model(), pages_per_chunk=1, perceiver_pages=4)
     split = loss_and_grads(model, batch)
-    # forward, then recomputed in the backward pass (pre-hooks: a recompute stops once it has what it needs)
-    assert projected == [1] * 8 and perceived == [4, 4]
+    # the projection forward, then recomputed in the backward pass (pre-hooks: a recompute stops once it has what
+    # it needs); the perceiver runs once, and each of its layers is recomputed by itself
+    assert projected == [1] * 8 and perceived == [4]
+    assert len(layer_calls) == 2 * len(connector.perceiver_resampler.layers)
     assert_same(plain, split)
     connector.forward = original
+
+
+def test_the_perceiver_recomputes_each_layer_just_before_its_own_backward_pass(tiny_model_path):
+    """With the perceiver a few pages at a time, a layer is recomputed only when the backward pass reaches it (the
+    last layer first), so that one layer's activations are alive at a time; loss and gradients are unchanged."""
+    from transformers import AutoConfig
+    from transformers.models.idefics2.modeling_idefics2 import Idefics2Connector
+
+    from docvlm.families.idefics2 import checkpoint_connector
+
+    config = AutoConfig.from_pretrained(tiny_model_path)
+    config.perceiver_config.resampler_depth = 3
+    torch.manual_seed(0)
+    holder = torch.nn.Module()
+    holder.model = torch.nn.Module()
+    holder.model.connector = connector = Idefics2Connector(config).train()
+    context = torch.randn(4, 40, config.vision_config.hidden_size)
+    mask = torch.ones(4, 40, dtype=torch.bool)
+
+    def grads():
+        connector.zero_grad()
+        connector(context, attention_mask=mask).square().mean().backward()
+        return {name: param.grad.clone() for name, param in connector.named_parameters() if param.grad is not None}
+
+    plain = grads()
+    assert checkpoint_connector(holder, pages_per_chunk=2, perceiver_pages=4)
+    order, backward_reached = [], []
+    for index, layer in enumerate(connector.perceiver_resampler.layers):
+        layer.self_attn.register_forward_pre_hook(lambda *_, index=index: order.append(index))
+        layer.register_full_backward_hook(lambda *_, index=index: backward_reached.append((index, len(order))))
+    recomputed = grads()
+    assert order == [0, 1, 2, 2, 1, 0]  # forward, then each layer as the backward pass reaches it
+    assert backward_reached == [(2, 4), (1, 5), (0, 6)]  # each one's backward right after its own recompute
+    assert plain.keys() == recomputed.keys()
+    for name in plain:
+        torch.testing.assert_close(recomputed[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
 def _saved_activation_bytes(module, *inputs, **kwargs) -> int:

@@ -5,17 +5,16 @@ import pytest
 
 from docvlm import plan
 
-# Peak reserved GiB measured by `make bench` run AL on an H200 (docs/benchmarks.md), the recipes as shipped.
-MEASURED_PEAK_RESERVED_GIB = {"docvqa_qlora": 10.97, "docvqa_qlora_lowmem": 7.07, "docvqa_qlora_hires": 10.88}
-# Other settings measured on the 8B model (runs N, R, T, V and X, before fused_rms_norms): each within 15% as well.
+# Peak reserved GiB measured by `make bench` on an H200 (docs/benchmarks.md), the recipes as shipped: docvqa_qlora
+# in run AX (since its perceiver recomputes a layer at a time), lowmem and hires in run AL.
+MEASURED_PEAK_RESERVED_GIB = {"docvqa_qlora": 11.04, "docvqa_qlora_lowmem": 7.07, "docvqa_qlora_hires": 10.88}
+# Other settings measured on the 8B model (runs N, R, T, V and X, before fused_rms_norms, and runs AX and AY): each
+# within 15% as well.
 TOWER_ON_GPU = ["--vision_tower_offload", "false"]
 MEASURED_SETTINGS_GIB = [
     ("docvqa_qlora", [*TOWER_ON_GPU, "--connector_perceiver_pages", "3"], 10.79),
-    ("docvqa_qlora", [*TOWER_ON_GPU, "--connector_perceiver_pages", "4"], 12.00),
-    ("docvqa_qlora", [*TOWER_ON_GPU, "--connector_perceiver_pages", "8"], 12.83),
-    ("docvqa_qlora", [*TOWER_ON_GPU, "--connector_perceiver_pages", "16"], 16.25),
-    ("docvqa_qlora_fast", [], 23.34),
-    ("docvqa_qlora_fast", [*TOWER_ON_GPU], 24.08),
+    ("docvqa_qlora", ["--connector_perceiver_pages", "8"], 10.78),
+    ("docvqa_qlora_fast", [], 22.08),
     (
         "docvqa_qlora_fast",
         [*TOWER_ON_GPU, "--connector_checkpointing", "false", "--connector_perceiver_pages", "null"],

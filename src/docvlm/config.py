@@ -206,9 +206,9 @@ class TrainConfig(SFTConfig):
     connector_perceiver_pages: int | None = field(
         default=None,
         metadata={
-            "help": "Pages the perceiver resampler recomputes together, when more than connector_checkpoint_pages "
-            "(null: the same chunks as the projection). The perceiver holds far less memory a page than the "
-            "projection and launches most of the connector's kernels."
+            "help": "Pages the perceiver resampler runs together, when more than connector_checkpoint_pages (null: "
+            "the same chunks as the projection); each of its layers is then recomputed by itself. The perceiver "
+            "holds far less memory a page than the projection and launches most of the connector's kernels."
         },
     )
     connector_lean_activations: bool = field(

@@ -149,10 +149,12 @@ def checkpoint_connector(model, pages_per_chunk: int = 1, perceiver_pages: int |
     The math is unchanged: pages never interact in the connector. The module tree is left as it is (only the
     instance's forward is wrapped), so adapter weights keep their usual names.
 
-    `perceiver_pages` (more than `pages_per_chunk`): the projection is recomputed `pages_per_chunk` pages at a time
-    and the perceiver `perceiver_pages` at a time. The projection holds most of the memory a page (its 14,336-wide
-    MLP) and the perceiver most of the kernel launches (3 layers of small matmuls, each with LoRA), so this trades
-    the projected pages' 4,096-wide outputs (~31 MB a page, kept for the perceiver) for fewer launches.
+    `perceiver_pages` (more than `pages_per_chunk`): the projection is recomputed `pages_per_chunk` pages at a time,
+    and the perceiver runs `perceiver_pages` at a time with each of its layers recomputed by itself, just before
+    its own backward pass, so that only one layer's activations are alive at once (a third of the whole perceiver's
+    on Idefics2-8B). The projection holds most of the memory a page (its 14,336-wide MLP) and the perceiver most of
+    the kernel launches (3 layers of small matmuls, each with LoRA), so this trades the projected pages' 4,096-wide
+    outputs (~31 MB a page, kept for the perceiver) for fewer, larger launches.
     """
     from torch.utils.checkpoint import checkpoint
 
@@ -162,28 +164,45 @@ def checkpoint_connector(model, pages_per_chunk: int = 1, perceiver_pages: int |
     original = connector.forward
     perceiver_pages = max(perceiver_pages or pages_per_chunk, pages_per_chunk)
 
-    def chunked(function, pages, step, *tensors):
-        return torch.cat(
-            [
-                checkpoint(function, *(None if t is None else t[i : i + step] for t in tensors), use_reentrant=False)
-                for i in range(0, pages, step)
-            ]
-        )
+    def training():
+        return connector.training and torch.is_grad_enabled()
+
+    def chunked(function, pages, step, *tensors, recompute=True):
+        chunks = [[None if t is None else t[i : i + step] for t in tensors] for i in range(0, pages, step)]
+        if recompute:
+            return torch.cat([checkpoint(function, *chunk, use_reentrant=False) for chunk in chunks])
+        return torch.cat([function(*chunk) for chunk in chunks])
 
     def perceive(context, attention_mask):
         return connector.perceiver_resampler(context=context, attention_mask=attention_mask)
 
+    if perceiver_pages > pages_per_chunk:
+        for layer in connector.perceiver_resampler.layers:
+            layer.forward = _recomputed_by_itself(layer.forward, training, checkpoint)
+
     def forward(image_hidden_states, attention_mask=None):
-        if not (connector.training and torch.is_grad_enabled()):
+        if not training():
             return original(image_hidden_states, attention_mask)
         pages = image_hidden_states.shape[0]
         if perceiver_pages == pages_per_chunk:
             return chunked(original, pages, pages_per_chunk, image_hidden_states, attention_mask)
         projected = chunked(connector.modality_projection, pages, pages_per_chunk, image_hidden_states)
-        return chunked(perceive, pages, perceiver_pages, projected, attention_mask)
+        return chunked(perceive, pages, perceiver_pages, projected, attention_mask, recompute=False)
 
     connector.forward = forward
     return True
+
+
+def _recomputed_by_itself(forward, training, checkpoint):
+    """A perceiver layer's `forward`, checkpointed on its own while `training()`: it keeps its inputs (the latents,
+    and the page context every layer shares) and recomputes the rest just before its backward pass."""
+
+    def layer_forward(*args, **kwargs):
+        if training():
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+
+    return layer_forward
 
 
 def compile_text_layers(model) -> bool:
@@ -244,9 +263,10 @@ GIB = 2**30
 # batch's largest page), the checkpointed decoder's, and the batch's pages and features.
 PLAN_CALIBRATION = {
     "connector_bytes_per_patch": 1.235 * GIB / 3780,  # a page of 70 x 54 patches: 1.235 GiB
-    # the perceiver recomputed more pages at a time than the projection (connector_perceiver_pages): each page more
-    # in its chunk, ~0.43 GiB reserved (runs R and T: 3 to 16 pages at batch 16)
-    "perceiver_bytes_per_patch": 0.36 * GIB / 3780,
+    # the perceiver run more pages at a time than the projection (connector_perceiver_pages), one layer recomputed
+    # at a time: each page more in its chunk, ~0.2 GiB reserved, fitted on runs AX and AY (4, 8 and 16 pages; the
+    # whole perceiver recomputed at once held ~0.43 GiB a page, runs R and T)
+    "perceiver_bytes_per_patch": 0.20 * GIB / 3780,
     "decoder_bytes_per_token": 0.02 * GIB / 220,  # checkpointed layers' inputs, all layers: ~0.02 GiB a row
     # without gradient checkpointing every layer keeps its activations: +6.2 GiB reserved at 16 rows of ~99 tokens
     # (docvqa_qlora_fast with and without it, connector not checkpointed, runs N and R)
