@@ -178,7 +178,7 @@ def checkpoint_connector(model, pages_per_chunk: int = 1, perceiver_pages: int |
 
     if perceiver_pages > pages_per_chunk:
         for layer in connector.perceiver_resampler.layers:
-            layer.forward = _recomputed_by_itself(layer.forward, training, checkpoint)
+            layer.forward = _recomputed_by_itself(layer.forward, training)
 
     def forward(image_hidden_states, attention_mask=None):
         if not training():
@@ -193,9 +193,10 @@ def checkpoint_connector(model, pages_per_chunk: int = 1, perceiver_pages: int |
     return True
 
 
-def _recomputed_by_itself(forward, training, checkpoint):
+def _recomputed_by_itself(forward, training):
     """A perceiver layer's `forward`, checkpointed on its own while `training()`: it keeps its inputs (the latents,
     and the page context every layer shares) and recomputes the rest just before its backward pass."""
+    from torch.utils.checkpoint import checkpoint
 
     def layer_forward(*args, **kwargs):
         if training():
