@@ -231,7 +231,7 @@ def test_null_on_the_command_line_means_none_as_in_a_recipe():
     assert data_args.group_column is None  # not a column named 'null'
     assert training_args.vision_feature_cache_dir is None  # not a cache folder named 'null'
     assert training_args.connector_perceiver_pages is None
-    assert parse_recipe(["--config", "recipes/docvqa_qlora.yaml"])[2].connector_perceiver_pages == 4  # the recipe's
+    assert parse_recipe(["--config", "recipes/docvqa_qlora.yaml"])[2].connector_perceiver_pages == 8  # the recipe's
 
 
 def test_vision_tower_offload_needs_the_cache_and_is_turned_off_on_the_cpu(tmp_path, capsys):

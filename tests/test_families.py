@@ -40,7 +40,7 @@ def recipe(*extra):
 def test_a_switch_that_does_not_apply_to_the_family_is_refused_naming_both(config, switch, family):
     model_type = getattr(transformers, config)().model_type
     off = ["--connector_checkpointing", "false", "--connector_lean_activations", "false", "--vision_tower_pages", "0"]
-    off += ["--fused_rms_norms", "false"]
+    off += ["--fused_rms_norms", "false", "--connector_in_compute_dtype", "false"]
     model_args, training_args = recipe(*off, "--image_longest_edge", "null")
     refuse_what_does_not_apply(family_of(model_type), model_args, training_args)  # all off: accepted
     model_args, training_args = recipe(*off, f"--{switch}", "4" if switch == "vision_tower_pages" else "true")
@@ -50,7 +50,7 @@ def test_a_switch_that_does_not_apply_to_the_family_is_refused_naming_both(confi
 
 def test_qwen2_vl_refuses_the_edge_size_options_it_would_read_as_pixel_counts():
     off = ["--connector_checkpointing", "false", "--connector_lean_activations", "false", "--vision_tower_pages", "0"]
-    off += ["--fused_rms_norms", "false"]
+    off += ["--fused_rms_norms", "false", "--connector_in_compute_dtype", "false"]
     model_args, training_args = recipe(*off, "--image_longest_edge", "980")
     with pytest.raises(UserError, match="image_longest_edge is set in the recipe, but it does not apply to Qwen2-VL"):
         refuse_what_does_not_apply(family_of("qwen2_vl"), model_args, training_args)

@@ -129,6 +129,64 @@ def test_lean_connector_keeps_loss_and_gradients_and_saves_less(tiny_model_path,
     assert _saved_activation_bytes(connector, context, attention_mask=mask) < 0.8 * plain_bytes
 
 
+class _LinearReturningInputDtype(torch.nn.Linear):
+    """A linear layer that returns its input's dtype under autocast, as bitsandbytes' 4-bit layers do."""
+
+    def forward(self, hidden):
+        return super().forward(hidden).to(hidden.dtype)
+
+
+def test_the_connector_in_compute_dtype_takes_rounded_features_and_keeps_half_the_activations(tiny_model_path):
+    """Under autocast, fp32 features from the tower reach the connector rounded to autocast's dtype, so that layers
+    which return their input's dtype (4-bit ones) no longer keep fp32 activations; without autocast nothing
+    changes."""
+    from transformers import AutoConfig
+    from transformers.models.idefics2.modeling_idefics2 import Idefics2Connector
+
+    from docvlm.families.idefics2 import run_connector_in_compute_dtype
+
+    config = AutoConfig.from_pretrained(tiny_model_path)
+    torch.manual_seed(0)
+    holder = torch.nn.Module()
+    holder.model = torch.nn.Module()
+    # weights in bf16, as the 8B model's non-quantized ones: autocast then makes no copies of them
+    holder.model.connector = connector = Idefics2Connector(config).to(torch.bfloat16).train()
+    for module in [connector.modality_projection, *connector.perceiver_resampler.layers]:
+        for name, child in list(module.named_modules()):
+            if isinstance(child, torch.nn.Linear) and name:
+                quantized_like = _LinearReturningInputDtype(child.in_features, child.out_features, bias=False)
+                quantized_like.weight = child.weight
+                parent, _, leaf = name.rpartition(".")
+                setattr(module.get_submodule(parent), leaf, quantized_like)
+    context = torch.randn(3, 40, config.vision_config.hidden_size, requires_grad=True)  # as the tower gives it
+    mask = torch.ones(3, 40, dtype=torch.bool)
+    taken = []
+    connector.modality_projection.register_forward_pre_hook(lambda module, args: taken.append(args[0].dtype))
+
+    def saved_bytes():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return _saved_activation_bytes(connector, context, attention_mask=mask)
+
+    plain = saved_bytes()
+    assert run_connector_in_compute_dtype(holder)
+    rounded = saved_bytes()
+    assert taken == [torch.float32, torch.bfloat16]
+    # the linear layers keep bf16 copies of their inputs either way; the rest became bf16 instead of fp32
+    assert rounded < 0.85 * plain
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = connector(context, attention_mask=mask)
+    assert output.dtype == torch.bfloat16
+    output.float().square().mean().backward()  # gradients still reach the features through the rounding
+    assert context.grad is not None and context.grad.abs().sum() > 0
+    assert not run_connector_in_compute_dtype(torch.nn.Linear(2, 2))  # no connector: nothing to patch
+
+    # without autocast (fp32 training) there is nothing to round: the same outputs, in fp32
+    holder.model.connector = fp32_connector = Idefics2Connector(config).train()
+    fp32_output = fp32_connector(context, attention_mask=mask)
+    assert run_connector_in_compute_dtype(holder)
+    assert torch.equal(fp32_connector(context, attention_mask=mask), fp32_output)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_lean_rms_norm_and_gated_product_match_autograd(dtype):
     from transformers.models.idefics2.modeling_idefics2 import Idefics2RMSNorm

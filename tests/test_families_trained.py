@@ -207,7 +207,7 @@ def test_every_switch_keeps_loss_and_gradients_or_is_refused(name):
     plain = loss_and_grads(model, batch)
     on = {"vision_tower_no_grad": "true", "vision_tower_pages": "2", "connector_checkpointing": "true"}
     on.update(connector_lean_activations="true", vision_feature_cache="memory", compile_text_layers="true")
-    on.update(fused_rms_norms="true")
+    on.update(fused_rms_norms="true", connector_in_compute_dtype="true")
     for switch in MODULE_SWITCHES:
         argv = ["--config", recipe, *data, *off, f"--{switch}", on[switch]]
         if switch in ("vision_tower_pages", "vision_feature_cache"):  # both work through the frozen tower

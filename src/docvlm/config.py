@@ -219,6 +219,16 @@ class TrainConfig(SFTConfig):
             "A family without a perceiver connector refuses it: set it false there."
         },
     )
+    connector_in_compute_dtype: bool = field(
+        default=False,
+        metadata={
+            "help": "Round the vision tower's features to the half-precision compute dtype (bf16 / fp16) as the "
+            "connector takes them. Under autocast the tower's last norm gives fp32 and 4-bit layers return their "
+            "input's dtype, so otherwise the whole connector computes and keeps fp32 activations: half the memory "
+            "and faster steps. The 4-bit matmuls see the same input; LoRA's dropout takes the rounded one. Nothing "
+            "to round in fp32 training. Refused by families without it."
+        },
+    )
     compile_text_layers: bool = field(
         default=False,
         metadata={

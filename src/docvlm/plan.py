@@ -164,6 +164,8 @@ def predict(
     calibrated = family.plan_calibration
     connector = calibrated["connector_bytes_per_patch"] * chunk * stats.largest_page_patches
     connector += calibrated["perceiver_bytes_per_patch"] * (perceiver - chunk) * stats.largest_page_patches
+    if training_args.connector_in_compute_dtype and training_args.precision != "fp32":
+        connector *= calibrated["connector_in_compute_dtype_share"]
     if training_args.gradient_checkpointing:
         activations = connector + calibrated["decoder_bytes_per_token"] * batch * p95_tokens
     else:

@@ -26,6 +26,7 @@ MODULE_SWITCHES = {
     "vision_feature_cache": lambda args: args.vision_feature_cache != "off",
     "compile_text_layers": lambda args: bool(args.compile_text_layers),
     "fused_rms_norms": lambda args: bool(args.fused_rms_norms),
+    "connector_in_compute_dtype": lambda args: bool(args.connector_in_compute_dtype),
 }
 OFF = {"vision_tower_pages": "0", "vision_feature_cache": "off"}  # the recipe value that turns a switch off
 # Processor options a recipe can set (ModelArguments), with the value that means "set".
@@ -55,6 +56,7 @@ class Family:
     # The family's own connector patches (model, ...) -> whether the model had the modules; None: not offered.
     lean_connector: Callable | None = None
     checkpoint_connector: Callable | None = None
+    connector_in_compute_dtype: Callable | None = None
     compile_text_layers: Callable | None = None
     fuse_rms_norms: Callable | None = None  # (model) -> how many norms were fused
     # (config, batch shapes, tower_runs) -> model FLOPs of a training micro-batch; None: not counted (bench, plan)
@@ -112,6 +114,7 @@ IDEFICS2 = Family(
     end_of_turn="<end_of_utterance>",
     lean_connector=idefics2.lean_connector_activations,
     checkpoint_connector=idefics2.checkpoint_connector,
+    connector_in_compute_dtype=idefics2.run_connector_in_compute_dtype,
     compile_text_layers=idefics2.compile_text_layers,
     fuse_rms_norms=idefics2.fuse_rms_norms,
     training_flops=idefics2.training_flops,
@@ -226,6 +229,10 @@ def apply_switches(family: Family, model, training_args):
     pages, perceiver = args.connector_checkpoint_pages, args.connector_perceiver_pages
     if args.connector_checkpointing and not (checkpoint and checkpoint(model, pages, perceiver)):
         raise UserError(f"connector_checkpointing is true, but this {family.name} model has no connector.")
+    # after connector_checkpointing, so that the features are rounded once, not in every recomputed chunk
+    in_compute_dtype = family.connector_in_compute_dtype
+    if args.connector_in_compute_dtype and not (in_compute_dtype and in_compute_dtype(model)):
+        raise UserError(f"connector_in_compute_dtype is true, but this {family.name} model has no connector.")
     # after connector_lean_activations, whose norms these replace: the fused ones keep as little
     if args.fused_rms_norms and not (family.fuse_rms_norms and family.fuse_rms_norms(model)):
         raise UserError(f"fused_rms_norms is true, but this {family.name} model has no RMSNorm to fuse.")

@@ -79,6 +79,32 @@ def lean_connector_activations(model) -> bool:
     return True
 
 
+def run_connector_in_compute_dtype(model) -> bool:
+    """Hand an Idefics2-style connector the vision tower's features in autocast's dtype (bf16 or fp16); returns
+    whether the model has a connector.
+
+    Under autocast the tower's last LayerNorm returns fp32, and bitsandbytes' 4-bit layers return their input's
+    dtype, so the whole connector (a 14,336-wide MLP on ~3,800 patches a page, then the perceiver) computes and
+    keeps fp32 activations, where an unquantized linear layer would give autocast's half precision. Rounding the
+    features once, as the connector takes them, halves those activations. The 4-bit matmuls see the same input
+    (they round it to their compute dtype anyway); LoRA's dropout and A matrix take the rounded features. Without
+    autocast (fp32 training) there is nothing to round.
+    """
+    connector = getattr(getattr(model, "model", None), "connector", None)
+    if connector is None:
+        return False
+    original = connector.forward
+
+    def forward(image_hidden_states, attention_mask=None):
+        device = image_hidden_states.device.type
+        if torch.is_autocast_enabled(device):
+            image_hidden_states = image_hidden_states.to(torch.get_autocast_dtype(device))
+        return original(image_hidden_states, attention_mask)
+
+    connector.forward = forward
+    return True
+
+
 def _when_training(module, lean):
     """`module`'s forward, replaced by `lean` where autograd will keep activations; inference runs the original."""
     original = module.forward
@@ -268,10 +294,14 @@ PLAN_CALIBRATION = {
     # at a time: each page more in its chunk, ~0.2 GiB reserved, fitted on runs AX and AY (4, 8 and 16 pages; the
     # whole perceiver recomputed at once held ~0.43 GiB a page, runs R and T)
     "perceiver_bytes_per_patch": 0.20 * GIB / 3780,
+    # the connector fed rounded features (connector_in_compute_dtype) keeps half-precision activations, not fp32:
+    # this share of the terms above, fitted on runs BA and BB
+    "connector_in_compute_dtype_share": 0.45,
     "decoder_bytes_per_token": 0.02 * GIB / 220,  # checkpointed layers' inputs, all layers: ~0.02 GiB a row
-    # without gradient checkpointing every layer keeps its activations: +6.2 GiB reserved at 16 rows of ~99 tokens
-    # (docvqa_qlora_fast with and without it, connector not checkpointed, runs N and R)
-    "unchecked_decoder_bytes_per_token": 5.2 * GIB / (16 * 99),
+    # without gradient checkpointing every layer keeps its activations (LoRA dropout's masks and copies included):
+    # ~11.5 GiB at 16 rows of ~99 tokens, fitted on docvqa_qlora_fast with the connector in half precision, whose
+    # peak is then the decoder's (run BB); the fp32 connector's recompute peaked above it (runs AY, R)
+    "unchecked_decoder_bytes_per_token": 11.5 * GIB / (16 * 99),
     "step_workspace_bytes": 0.10 * GIB,  # the loss's and the kernels' workspace
     # the logits the loss reads (every position with loss_logits all, as on CUDA; else the answer's), in bf16 and
     # in the loss's fp32 copy: brings the high-resolution recipe's ~380-token rows within 11% (run X)
