@@ -60,6 +60,11 @@ class _SiluTimes(torch.autograd.Function):
 SILU_MODULES = ("SiLU", "SiLUActivation")  # torch's, and transformers' own (its ACT2FN["silu"] since 5.x)
 
 
+def _connector(model):
+    """An Idefics2-style model's connector (`model.model.connector`), or None."""
+    return getattr(getattr(model, "model", None), "connector", None)
+
+
 def lean_connector_activations(model) -> bool:
     """Make an Idefics2-style connector keep fewer activations for the backward pass (~0.28 GB a page less on
     Idefics2-8B, a fifth of what it keeps); returns whether the model has such a connector.
@@ -68,7 +73,7 @@ def lean_connector_activations(model) -> bool:
     silu(gate) (see the two functions above). Less memory a page is what lets the connector be recomputed several
     pages at a time in the same memory. Only instance forwards are replaced: module names and weights are unchanged.
     """
-    connector = getattr(getattr(model, "model", None), "connector", None)
+    connector = _connector(model)
     if connector is None:
         return False
     for norm in _rms_norms(connector):
@@ -90,7 +95,7 @@ def run_connector_in_compute_dtype(model) -> bool:
     (they round it to their compute dtype anyway); LoRA's dropout and A matrix take the rounded features. Without
     autocast (fp32 training) there is nothing to round.
     """
-    connector = getattr(getattr(model, "model", None), "connector", None)
+    connector = _connector(model)
     if connector is None:
         return False
     original = connector.forward
@@ -184,7 +189,7 @@ def checkpoint_connector(model, pages_per_chunk: int = 1, perceiver_pages: int |
     """
     from torch.utils.checkpoint import checkpoint
 
-    connector = getattr(getattr(model, "model", None), "connector", None)
+    connector = _connector(model)
     if connector is None:
         return False
     original = connector.forward
