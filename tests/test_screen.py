@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from docvlm import screen as checks
 from docvlm.collator import DocVQACollator, as_answers
 from docvlm.config import DataArguments
-from docvlm.data import load_splits, role_columns
+from docvlm.data import DataReport, load_splits, role_columns
 from docvlm.errors import UserError
-from docvlm.screen import screen, skip_summary
+from docvlm.screen import screen, screen_split
 
 
 def png(mode="RGB", size=(60, 40), color="white") -> bytes:
@@ -67,6 +68,16 @@ BAD = {
 }
 
 
+# case name -> the reason data_report.json groups it under
+REASONS = {
+    **dict.fromkeys(["truncated_png", "truncated_jpeg", "random_bytes", "text_as_png"], checks.IMAGE_UNREADABLE),
+    **dict.fromkeys(["zero_bytes", "missing_file"], checks.IMAGE_MISSING),
+    **dict.fromkeys(["one_pixel", "strip"], checks.IMAGE_SHAPE),
+    **dict.fromkeys(["empty_question", "blank_question", "null_question"], checks.NO_QUESTION),
+    **dict.fromkeys(["empty_answer_list", "blank_answers", "null_answers"], checks.NO_ANSWER),
+}
+
+
 @pytest.fixture(scope="module")
 def screened(tmp_path_factory, processor):
     tmp_path = tmp_path_factory.mktemp("bad-rows")
@@ -90,14 +101,19 @@ def test_each_bad_row_is_skipped_and_named_with_its_field_and_what_is_wrong(scre
     assert len(problems) == len(BAD)
 
 
-def test_the_skips_are_printed_counted_and_summarised_for_the_report(screened, capsys, processor):
-    data, _, train, _, problems, collator = screened
-    summary = skip_summary(problems)
-    assert summary["count"] == len(BAD) and summary["by_split_and_field"]["train/file (image_column)"] == 8
-    assert all("index" not in row for row in summary["rows"])
-    screen(train, collator, role_columns(data), "train", data.dataset_name)  # again: from the cache
-    err = capsys.readouterr().err
-    assert f"checked before, {len(BAD)} bad row(s) (cached in" in err
+def test_the_skips_are_printed_counted_and_grouped_by_reason_for_the_reports(screened, capsys, processor):
+    data, names, train, _, problems, collator = screened
+    report = DataReport(data.dataset_name)
+    kept, _ = screen_split(train, processor, data, 512, "train", report)  # again: from the cache
+    assert f"checked before, {len(BAD)} bad row(s) (cached in" in capsys.readouterr().err
+    grouped = report.by_reason()
+    assert {reason: entry["count"] for reason, entry in grouped.items()} == {
+        reason: list(REASONS.values()).count(reason) for reason in set(REASONS.values())
+    }
+    for name, reason in REASONS.items():
+        assert names.index(name) in [row["row"] for row in grouped[reason]["rows"]], (name, reason)
+    assert report.splits["train"]["used"] == len(kept) == 2
+    assert report.counts()["skipped"]["count"] == len(BAD)
 
 
 def test_on_bad_example_error_stops_with_the_list(screened):

@@ -38,12 +38,25 @@ def test_synthetic_rows_are_docvqa_shaped_and_do_not_leak_answers():
     assert tiny.make_rows(3, seed=5)[2]["answers"] == rows[2]["answers"]
 
 
-def test_train_and_test_pages_differ(tiny_dataset_path):
+def test_no_test_page_is_a_training_page(tiny_dataset_path):
+    """Every held-out page against every training page, by pixels: the test split is truly unseen."""
     from datasets import load_dataset
 
     splits = load_dataset(tiny_dataset_path)
-    train_pages = {bytes(r["image"].tobytes()) for r in splits["train"].select(range(200))}
-    assert not any(bytes(r["image"].tobytes()) in train_pages for r in splits["test"])
+    train_pages = {tiny.page_digest(image) for image in splits["train"]["image"]}
+    assert len(splits["train"]) == tiny.TINY_TRAIN_SIZE and len(splits["test"]) == tiny.TINY_TEST_SIZE
+    assert not [tiny.page_digest(image) for image in splits["test"]["image"] if tiny.page_digest(image) in train_pages]
+
+
+def test_a_held_out_draw_redraws_a_page_it_must_avoid():
+    """Without `avoid` the seed-2 draw repeats pages of the seed-1 draw; with it, none (what build_tiny_dataset
+    relies on)."""
+    first = tiny.make_rows(400, seed=1)
+    seen = {tiny.page_digest(row["image"]) for row in first}
+    plain = tiny.make_rows(400, seed=2)
+    assert any(tiny.page_digest(row["image"]) in seen for row in plain)  # the draw alone does repeat pages
+    avoided = tiny.make_rows(400, seed=2, avoid=seen)
+    assert len(avoided) == 400 and not any(tiny.page_digest(row["image"]) in seen for row in avoided)
 
 
 def test_incomplete_fixture_is_rebuilt(tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from docvlm.collator import DocVQACollator
@@ -189,7 +190,7 @@ def test_the_receipts_recipe_trains_on_key_value_rows_with_no_code(tmp_path, cap
         ]
     )
     err = capsys.readouterr().err
-    assert "Split 'train': 400 rows became" in err and "empty, skipped: address" in err
+    assert "Split 'train': 400 rows became" in err and "skipped: address" in err
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     losses = [h["loss"] for h in history if "loss" in h]
     assert len(losses) == 8 and losses[-1] < losses[0]
@@ -227,6 +228,10 @@ def test_the_local_folder_recipe_trains_on_a_folder_of_scans_and_a_csv(tmp_path)
     losses = [h["loss"] for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
     assert len(losses) == 6 and losses[-1] < losses[0]
     assert json.loads((out / "report.json").read_text())["count"] == 4  # 10% of the 40 pages held out
+    card, report_md = (out / "README.md").read_text(), (out / "report.md").read_text()
+    assert "about 4 pages drawn from the training data (eval_split_size 0.1), none of them trained on" in card
+    assert "Only 4 held-out questions" in card and "Only 4 held-out questions" in report_md
+    assert "Held out by eval_split_size: 4 pages of 40, with their 4 questions" in report_md
 
 
 def test_the_chartqa_recipe_trains_on_rendered_charts_and_reports_by_question_source(tmp_path):
@@ -274,7 +279,7 @@ def test_bad_rows_are_skipped_before_training_and_listed_in_the_report(tmp_path,
     skipped = report["skipped"]
     assert report["count"] == 2  # the 4 held-out questions less the 2 that cannot be scored: never scored as 0
     assert skipped["count"] == 3 and {row["row"] for row in skipped["rows"]} == {3, 5, 7}
-    assert "Skipped 3 bad row(s) before training" in captured.out
+    assert "3 skipped (" in captured.out and "data_report.json lists them by reason" in captured.out
     assert "Split 'train': skipped 1 of 16 rows" in captured.err and "Split 'test': skipped 2 of 4 rows" in captured.err
 
 
@@ -334,3 +339,112 @@ def test_reentrant_decoder_checkpointing_gives_every_lora_weight_the_same_gradie
         if "lora_B" in name:  # lora_A's first gradient is zero either way: lora_B starts at zero
             assert grad.abs().sum() > 0, f"{name} got no gradient"
         torch.testing.assert_close(grad, plain[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_anls_is_logged_at_each_evaluation_and_the_best_adapter_is_kept(tmp_path):
+    """eval_strategy steps with metric_for_best_model anls: each evaluation answers held-out questions, logs
+    eval_anls beside eval_loss, and the adapter saved at the end is the best evaluation's checkpoint."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "best"
+    trainer, _ = run(
+        quick(
+            out,
+            *("--max_steps", "6", "--eval_strategy", "steps", "--eval_steps", "2", "--save_steps", "2"),
+            *("--save_total_limit", "3", "--metric_for_best_model", "anls", "--load_best_model_at_end", "true"),
+            *("--eval_anls_samples", "4", "--eval_compare_base", "false", "--learning_rate", "5e-3"),
+        )
+    )
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    scored = [(h["step"], h["eval_anls"]) for h in history if "eval_anls" in h]
+    assert [step for step, _ in scored][:3] == [2, 4, 6]  # then the final evaluation, of the best adapter
+    assert all(0 <= anls <= 1 for _, anls in scored) and all(
+        "eval_exact_match" in h for h in history if "eval_anls" in h
+    )
+    best_step, best = max(scored[:3], key=lambda pair: pair[1])  # the first of equal scores, as the Trainer keeps
+    assert trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best_step}")
+    assert trainer.state.best_metric == best
+    saved = load_file(out / "adapter_model.safetensors")
+    kept = load_file(out / f"checkpoint-{best_step}" / "adapter_model.safetensors")
+    assert saved.keys() == kept.keys() and all(torch.equal(saved[k], kept[k]) for k in saved)
+    if best_step != 6:  # the negative control: the last step's adapter is another one
+        last = load_file(out / "checkpoint-6" / "adapter_model.safetensors")
+        assert any(not torch.equal(saved[k], last[k]) for k in saved)
+    report = json.loads((out / "report.json").read_text())
+    assert report["adapter_step"] == best_step and report["best_metric"] == {"anls": best}
+    assert f"(step {best_step}: the best evaluation by anls" in (out / "report.md").read_text()
+
+
+def test_a_best_adapter_by_anls_needs_evaluations_that_compute_it(tmp_path):
+    from docvlm.config import parse_recipe
+    from docvlm.errors import UserError
+
+    for extra in (["--eval_strategy", "no"], ["--eval_strategy", "steps", "--eval_anls_samples", "0"]):
+        with pytest.raises(UserError, match="metric_for_best_model is anls, but evaluations during training"):
+            parse_recipe(quick(tmp_path, "--metric_for_best_model", "anls", *extra))
+
+
+def test_no_held_out_page_reaches_the_trainer(tmp_path, monkeypatch):
+    """20 scans of 4 questions each (metadata.csv), eval_split_size 0.2: the rows the trainer's collator builds
+    batches from cover every training page and not one of the 4 held-out pages."""
+    from docvlm import tiny
+    from tests.test_data_splits import scans_with_metadata
+
+    seen = []
+    original = DocVQACollator.__call__
+
+    def recording(self, rows):
+        seen.extend(tiny.page_digest(row["image"].convert("RGB")) for row in rows)
+        return original(self, rows)
+
+    monkeypatch.setattr(DocVQACollator, "__call__", recording)
+    scans = scans_with_metadata(tmp_path / "scans", pages=20, questions=4)
+    out = tmp_path / "run"
+    run(
+        [
+            *("--config", "recipes/local_folder_qlora.yaml", "--model_name_or_path", "docvlm:tiny-idefics2"),
+            *("--dataset_name", str(scans), "--output_dir", str(out), "--eval_split_size", "0.2"),
+            *("--num_train_epochs", "1", "--per_device_train_batch_size", "8", "--dataloader_num_workers", "0"),
+            *("--save_strategy", "no", "--eval_compare_base", "false", "--eval_max_new_tokens", "4"),
+        ]
+    )
+    data = json.loads((out / "data_report.json").read_text())
+    held_names = data["held_out"]["held_out_pages"]
+    assert len(held_names) == 4 and data["held_out"]["held_out_questions"] == 16
+    from PIL import Image
+
+    held = {tiny.page_digest(Image.open(scans / name).convert("RGB")) for name in held_names}
+    every = {tiny.page_digest(Image.open(path).convert("RGB")) for path in scans.glob("*.png")}
+    assert len(seen) == 64 and set(seen) == every - held  # one epoch: each training question once
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 16 and {p for item in predictions for p in item["pages"]} == set(held_names)
+
+
+def test_a_run_without_evaluation_still_accounts_for_every_row(tmp_path, capsys):
+    """eval_after_training false: no report.json, but data_report.json lists each skipped row by reason, and the
+    run's last lines say where."""
+    from docvlm import tiny
+
+    scans = tmp_path / "scans"
+    metadata = tiny.export_pages(scans, 12, metadata_csv=True)
+    (scans / "page-003.png").unlink()  # missing
+    lines = metadata.read_text().splitlines()
+    lines[6] = lines[6].rsplit(",", 1)[0] + ","  # page-005: empty answer
+    metadata.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    run(
+        [
+            *("--config", "recipes/local_folder_qlora.yaml", "--model_name_or_path", "docvlm:tiny-idefics2"),
+            *("--dataset_name", str(scans), "--output_dir", str(out), "--max_steps", "1"),
+            *("--per_device_train_batch_size", "4", "--dataloader_num_workers", "0", "--save_strategy", "no"),
+            *("--eval_after_training", "false", "--eval_split_size", "2"),
+        ]
+    )
+    assert not (out / "report.json").exists()
+    data = json.loads((out / "data_report.json").read_text())
+    by_reason = data["skipped"]["by_reason"]
+    rows = {reason: [row["row"] for row in entry["rows"]] for reason, entry in by_reason.items()}
+    assert data["skipped"]["count"] == 2 and rows == {"image missing": [3], "no answer": [5]}
+    assert data["splits"]["train"]["rows"] == 12
+    captured = capsys.readouterr().out
+    assert "2 skipped (1 image missing, 1 no answer)" in captured and "data_report.json lists them" in captured

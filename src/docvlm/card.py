@@ -12,6 +12,17 @@ from pathlib import Path
 
 REPORT_FILE = "report.json"
 CARD_FILE = "README.md"
+SMALL_HELD_OUT = 50  # questions: below it, a few answers move ANLS by several points
+
+
+def small_held_out_note(count: int) -> str | None:
+    """A warning for a held-out split too small for its ANLS to mean much, else None."""
+    if count >= SMALL_HELD_OUT:
+        return None
+    return (
+        f"Only {count} held-out questions: each answer moves ANLS by {1 / max(count, 1):.0%}, so treat these figures "
+        f"as rough. Hold out more pages (eval_split_size) for a number to act on; {SMALL_HELD_OUT} questions or more."
+    )
 
 
 def hub_id(name: str | None) -> str | None:
@@ -69,6 +80,26 @@ def _report_table(report: dict) -> list[str]:
     return lines
 
 
+def _held_out_lines(report: dict) -> list[str]:
+    """Where the held-out questions came from, and a warning when they are too few."""
+    lines = []
+    held = (report.get("data") or {}).get("held_out")
+    if held:
+        lines += [
+            "",
+            f"The held-out questions are about {held_out_units(held)} drawn from the training data (eval_split_size "
+            f"{held['eval_split_size']:g}), none of them trained on.",
+        ]
+    note = small_held_out_note(report.get("count") or 0)
+    return lines + (["", f"**{note}**"] if note else [])
+
+
+def held_out_units(held: dict) -> str:
+    """'4 pages', or '3 documents (7 pages)', from report.json's data.held_out."""
+    text = f"{held['held_out_units']} {held['unit']}"
+    return text if held["unit"] == "pages" else f"{text} ({held['held_out_pages']} pages)"
+
+
 def read_report(folder: Path) -> dict | None:
     path = Path(folder) / REPORT_FILE
     return json.loads(path.read_text()) if path.is_file() else None
@@ -87,6 +118,7 @@ def adapter_card(model_args, data_args, folder: Path) -> str:
             "",
             "Measured on these weights: the base model loaded as in training, with and without this adapter; "
             "greedy answers scored with DocVQA's ANLS.",
+            *_held_out_lines(report),
             "",
             *_report_table(report),
         ]

@@ -102,7 +102,10 @@ def normalize_messages(messages, where: str) -> list[dict]:
         content = turn.get("content")
         parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
         if not isinstance(parts, list):
-            raise UserError(f"{where}: turn {n} content must be text or a list of parts.")
+            raise UserError(
+                f"{where}: turn {n} content must be text or a list of parts, got {type(content).__name__} "
+                f"{json.dumps(content, default=str)[:80]}."
+            )
         clean = []
         for part in parts:
             kind = part.get("type") if isinstance(part, dict) else None

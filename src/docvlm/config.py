@@ -30,7 +30,7 @@ class DataArguments(ScriptArguments):
     # `save_to_disk`, an image folder with metadata.jsonl) or the offline fixture `docvlm:tiny-docs`.
     image_column: str = field(
         default="image",
-        metadata={"help": "Column holding the page image, or a list of pages (a multi-page document), or paths."},
+        metadata={"help": "The page image or its path, or a list of them (one a page)."},
     )
     question_column: str = field(
         default="query.en", metadata={"help": "Column holding the question; dots reach into dicts (query.en)."}
@@ -40,7 +40,7 @@ class DataArguments(ScriptArguments):
     )
     answer_choice: Literal["first", "random"] = field(
         default="random",
-        metadata={"help": "With several gold answers, train on the first or a random one each time."},
+        metadata={"help": "Train on the first of several gold answers, or a random one each time."},
     )
     instruction: str = field(
         default="Answer briefly.",
@@ -49,27 +49,42 @@ class DataArguments(ScriptArguments):
     system_prompt: str | None = field(
         default=None, metadata={"help": "Optional system turn put first in every sample, in training and inference."}
     )
+    data_files: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Tables in dataset_name's folder to read: a file (the train split) or {split: file}; "
+            "image paths are relative to each table's folder."
+        },
+    )
+    json_field: str | None = field(
+        default=None,
+        metadata={"help": "The key of a JSON document's list of rows (data, in DocVQA's official json)."},
+    )
     field_questions: dict | str | None = field(
         default=None,
         metadata={
-            "help": "Key-value rows (one row per document, a column per field): {column: question}, e.g. {total: "
-            "'What is the total amount?'}. Each non-empty field becomes one sample with that question and the "
-            "field's value as its answer; question_column and answers_column are not used."
+            "help": "Key-value rows (a column per field): {column: question}, each non-empty field a sample "
+            "with its value as the answer; a question may name {field} (the column) and any {column}: "
+            "'What is the {field} of {vendor}?'."
         },
     )
     qa_pairs_column: str | None = field(
         default=None,
         metadata={
-            "help": "A column holding a list of {question, answers} (or {question, answer}) per page: each pair "
-            "becomes one sample; question_column and answers_column are not used."
+            "help": "A column holding a list of {question, answers} pairs per page, each pair a sample "
+            "(other key names: qa_question_key, qa_answers_key)."
         },
+    )
+    qa_question_key: str = field(default="question", metadata={"help": "The question key of qa_pairs_column's pairs."})
+    qa_answers_key: str | None = field(
+        default=None,
+        metadata={"help": "The answer key of qa_pairs_column's pairs (null: answers, else answer)."},
     )
     messages_column: str | None = field(
         default=None,
         metadata={
-            "help": "A column holding conversations in the chat `messages` format ([{role, content}], content a text "
-            "or a list of {type: text|image} parts, one image part per page of image_column): every assistant "
-            "turn is trained, and the evaluation asks the last one; question_column and answers_column are not used."
+            "help": "A column of chat conversations ([{role, content}], one {type: image} part a page of "
+            "image_column): every assistant turn is trained, the last one evaluated."
         },
     )
     group_column: str | None = field(
@@ -78,17 +93,20 @@ class DataArguments(ScriptArguments):
     eval_split_size: float | None = field(
         default=None,
         metadata={
-            "help": "When the dataset has no dataset_test_split: hold this many training rows out for evaluation, a "
-            "fraction (0.1) or a count (200); drawn with eval_split_seed, never overlapping the training rows."
+            "help": "No dataset_test_split: hold this many pages out, a fraction (0.1) or a count (200), "
+            "with all their questions (eval_split_seed); none of them is trained on."
         },
     )
     eval_split_seed: int = field(default=42, metadata={"help": "Seed of the eval_split_size draw (reproducible)."})
+    eval_split_by: str | None = field(
+        default=None,
+        metadata={"help": "A column (a document id) whose rows eval_split_size holds out together."},
+    )
     on_bad_example: Literal["skip", "error"] = field(
         default="skip",
         metadata={
-            "help": "A row that cannot be used (an image that does not decode, an empty question or answer, a "
-            "sample longer than max_length): skip it, counted and named in the log and report.json, or stop "
-            "before training with the list. Every row is checked before the model loads."
+            "help": "A row that cannot be used (undecodable page, empty question or answer, too "
+            "long): skip it, counted in data_report.json, or stop before training."
         },
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N training rows."})
@@ -109,9 +127,41 @@ class DataArguments(ScriptArguments):
             for column, question in self.field_questions.items():
                 if not isinstance(question, str) or not question.strip():
                     raise ValueError(f"field_questions: the question for '{column}' is empty or not text.")
+                check_question_template(column, question)
+        if isinstance(self.data_files, str) and self.data_files.lstrip().startswith("{"):  # from the command line
+            try:
+                self.data_files = json.loads(self.data_files)
+            except json.JSONDecodeError:
+                raise ValueError(
+                    'data_files must be a file name or {split: file}, e.g. --data_files \'{"train": "labels.csv"}\''
+                ) from None
+        if self.eval_split_by and self.eval_split_size is None:
+            raise ValueError(
+                "eval_split_by is set, but eval_split_size is not: eval_split_by says which rows eval_split_size "
+                "holds out together. Set eval_split_size (e.g. 0.1), or remove eval_split_by."
+            )
         shapes = [name for name in ("field_questions", "qa_pairs_column", "messages_column") if getattr(self, name)]
         if len(shapes) > 1:
             raise ValueError(f"Set one of {' and '.join(shapes)}: they describe different rows.")
+
+
+def check_question_template(column: str, question: str) -> None:
+    """A field_questions question may name {field} and {column}s; anything else str.format would read is refused."""
+    import string
+
+    try:
+        parsed = list(string.Formatter().parse(question))
+    except ValueError as error:
+        raise ValueError(
+            f"field_questions: the question for '{column}' ({question!r}) has an unmatched brace ({error}); write "
+            "{{ and }} for literal braces."
+        ) from None
+    for _, name, spec, conversion in parsed:
+        if name is not None and (not name.strip() or spec or conversion or "[" in name):
+            raise ValueError(
+                f"field_questions: the question for '{column}' ({question!r}) has a placeholder {{{name}}} that names "
+                "no column: use {field} or {<column>}, nothing else inside the braces."
+            )
 
 
 @dataclass
@@ -183,17 +233,15 @@ class TrainConfig(SFTConfig):
     loss_logits: Literal["auto", "answer", "all"] = field(
         default="auto",
         metadata={
-            "help": "answer: project only the answer span onto the vocabulary (same loss, fewer FLOPs). all: "
-            "TRL's loss over every position. auto: answer where TRL's loss kernel can't skip prompt positions "
-            "(CPU), all on CUDA."
+            "help": "answer: logits of the answer span only (same loss, fewer FLOPs); all: TRL's, every "
+            "position; auto: answer on the CPU, all on CUDA."
         },
     )
     connector_checkpointing: bool = field(
         default=False,
         metadata={
-            "help": "Recompute the vision-language connector in the backward pass, a few pages at a time, instead "
-            "of keeping its activations: what lets a larger batch fit (docs/benchmarks.md). Same math. A family "
-            "without a perceiver connector refuses it."
+            "help": "Recompute the vision-language connector in the backward pass, a few pages at a "
+            "time, so that a larger batch fits. Same math. A family without a perceiver connector refuses it."
         },
     )
     connector_checkpoint_pages: int = field(
@@ -214,9 +262,8 @@ class TrainConfig(SFTConfig):
     connector_lean_activations: bool = field(
         default=True,
         metadata={
-            "help": "Keep fewer connector activations for the backward pass: RMSNorms keep their half-precision "
-            "input, not an fp32 copy, and silu(gate)*up keeps only gate and up. Same outputs and gradients. "
-            "A family without a perceiver connector refuses it: set it false there."
+            "help": "Keep fewer connector activations for the backward pass (no fp32 norm copies, no silu(gate)). "
+            "Same outputs and gradients. A family without a perceiver connector refuses it: set it false there."
         },
     )
     connector_in_compute_dtype: bool = field(
@@ -257,17 +304,15 @@ class TrainConfig(SFTConfig):
     vision_tower_no_grad: bool = field(
         default=True,
         metadata={
-            "help": "Run a frozen vision tower without an autograd graph: otherwise gradient checkpointing "
-            "recomputes it and back-propagates through it every step for nothing (~3x its FLOPs, and its "
-            "activations). Same gradients."
+            "help": "Run a frozen vision tower without an autograd graph, which gradient checkpointing would "
+            "otherwise recompute and back-propagate through for nothing. Same gradients."
         },
     )
     vision_tower_pages: int = field(
         default=0,
         metadata={
-            "help": "With vision_tower_no_grad, run the frozen tower this many pages at a time (0: all at once). "
-            "Same outputs; bounds its short-lived activations, which would "
-            "otherwise fragment the CUDA cache."
+            "help": "With vision_tower_no_grad, run the frozen tower this many pages at a time (0: all at once): "
+            "bounds its short-lived activations. Same outputs."
         },
     )
     vision_feature_cache: Literal["off", "memory", "disk"] = field(
@@ -297,24 +342,22 @@ class TrainConfig(SFTConfig):
     cuda_expandable_segments: bool = field(
         default=False,
         metadata={
-            "help": "Let the CUDA allocator grow memory segments in place (expandable_segments), so that batches "
-            "of varying shapes leave no reserved-but-unused gaps (docs/benchmarks.md). Off the GPU: no effect."
+            "help": "Let the CUDA allocator grow memory segments in place, so that batches of varying shapes leave "
+            "no reserved-but-unused gaps. Off the GPU: no effect."
         },
     )
     cudnn_attention: bool = field(
         default=True,
         metadata={
-            "help": "Let scaled_dot_product_attention use cuDNN's kernel on GPUs that have it. cuDNN plans each new "
-            "sequence length, CPU time that batches of varying length pay again and again; false: FlashAttention "
-            "or memory-efficient kernels. Same math."
+            "help": "Let scaled_dot_product_attention use cuDNN, which plans each new sequence length (host "
+            "time, with batches of varying length); false: FlashAttention. Same math."
         },
     )
     effective_batch_size: int | None = field(
         default=None,
         metadata={
-            "help": "Samples per optimizer step, whatever the number of processes: gradient_accumulation_steps "
-            "becomes this / (per_device_train_batch_size x processes), which must divide evenly. Unset: the "
-            "recipe's accumulation, so the step grows with the number of processes."
+            "help": "Samples per optimizer step, whatever the number of processes (sets gradient_accumulation_steps). "
+            "Unset: the recipe's accumulation, so the step grows with the number of processes."
         },
     )
     ddp_find_unused_parameters: bool | None = field(
@@ -467,16 +510,20 @@ class EvalArguments:
         default=True, metadata={"help": "Also answer with the adapter disabled, to report before vs after."}
     )
     eval_max_new_tokens: int = field(default=32, metadata={"help": "Longest answer generated, in tokens."})
+    eval_anls_samples: int = field(
+        default=64,
+        metadata={
+            "help": "Held-out questions answered at each evaluation of eval_strategy: their ANLS is "
+            "logged as eval_anls (metric_for_best_model: anls keeps the best adapter). 0: the loss only."
+        },
+    )
     adapter: str | None = field(
         default=None,
         metadata={"help": "docvlm eval: the adapter folder to evaluate (unset: the recipe's output_dir)."},
     )
     eval_output_dir: str | None = field(
         default=None,
-        metadata={
-            "help": "docvlm eval: the folder for its report (unset: <adapter>/eval), never the adapter folder itself, "
-            "whose report is the one training wrote."
-        },
+        metadata={"help": "docvlm eval: the folder for its report (unset: <adapter>/eval), never the adapter's."},
     )
 
 
@@ -562,6 +609,22 @@ def nulls_to_none(arguments) -> None:
             setattr(arguments, name, None)
 
 
+GENERATION_METRICS = ("anls", "exact_match")  # logged at each evaluation when eval_anls_samples > 0
+
+
+def check_answer_scores(training_args, eval_args) -> None:
+    """metric_for_best_model may name a generation score only where evaluations compute it."""
+    if eval_args.eval_anls_samples < 0:
+        raise UserError(f"eval_anls_samples must be 0 (loss only) or more, got {eval_args.eval_anls_samples}.")
+    metric = (training_args.metric_for_best_model or "").removeprefix("eval_")
+    if metric in GENERATION_METRICS and (training_args.eval_strategy == "no" or eval_args.eval_anls_samples == 0):
+        raise UserError(
+            f"metric_for_best_model is {metric}, but evaluations during training compute it only with eval_strategy "
+            f"steps or epoch (now {training_args.eval_strategy}) and eval_anls_samples above 0 (now "
+            f"{eval_args.eval_anls_samples}). Set both, or metric_for_best_model: loss."
+        )
+
+
 def parse_recipe(argv: list[str] | None = None):
     """Parse `--config recipe.yaml` plus CLI overrides into (data, model, training, eval) arguments."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -585,6 +648,7 @@ def parse_recipe(argv: list[str] | None = None):
             "Do not pass hub_token in a recipe or on the command line: it would be saved with the run. "
             "Set HF_TOKEN in the environment or run `hf auth login` instead."
         )
+    check_answer_scores(training_args, eval_args)
     if training_args.lora_lean_forward and not model_args.use_peft:
         raise UserError("lora_lean_forward is true, but use_peft is false: there is no LoRA layer to make leaner.")
     return data_args, model_args, training_args, eval_args

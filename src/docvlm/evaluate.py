@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from docvlm.card import held_out_units, small_held_out_note
 from docvlm.collator import Prompt, as_answers, pages_of, prompt_text
 from docvlm.families import family_of_processor
 from docvlm.modeling import autocast_for
@@ -59,6 +60,7 @@ def generate(
     max_new_tokens: int,
     batch_size: int,
     desc: str = "generating",
+    leave: bool = True,
 ) -> list[dict]:
     """Greedy answers to rows (dicts with `image` and `question`, or `messages`: answered after its last user turn),
     batched with left padding; generation stops where the model's family closes a turn, or at the end of sequence.
@@ -76,7 +78,7 @@ def generate(
     from accelerate import PartialState
 
     quiet = not PartialState().is_local_main_process  # one progress bar a machine under multi-process launches
-    for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", disable=quiet):
+    for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", disable=quiet, leave=leave):
         batch_rows = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
         ims = [pages_of(row, f"Item {start + i}") for i, row in enumerate(batch_rows)]
         prompts = [prompt_text(processor, prompt, row, len(pages)) for row, pages in zip(batch_rows, ims, strict=True)]
@@ -209,7 +211,8 @@ def write_report(out_dir: Path, items: list[dict], summary: dict, meta: dict) ->
         f"# Evaluation: {meta.get('recipe', '')}",
         "",
         f"{summary['count']} held-out questions from `{meta.get('dataset')}` (split `{meta.get('split')}`), "
-        f"model `{meta.get('model')}`, adapter `{meta.get('adapter')}`.",
+        f"model `{meta.get('model')}`, adapter `{meta.get('adapter')}`{adapter_step_text(meta)}.",
+        *data_lines(meta, summary["count"]),
         "",
         "| system | ANLS | exact match | stopped at end of answer |",
         "|---|---|---|---|",
@@ -269,6 +272,43 @@ class _Rows:
         return self.rows[index]
 
 
+class HeldOutScores:
+    """ANLS and exact match of the first `count` held-out questions, answered greedily by the model as it is: what
+    the trainer logs at each evaluation (eval_anls, eval_exact_match). Each process answers a shard of them."""
+
+    def __init__(self, rows, processor, prompt: Prompt, max_new_tokens: int, batch_size: int, count: int):
+        self.rows = rows.select(range(min(count, len(rows))))
+        self.processor, self.prompt = processor, prompt
+        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+
+    def __call__(self, model) -> dict[str, float]:
+        from accelerate import PartialState
+        from accelerate.utils import gather_object
+
+        state = PartialState()
+        shard = self.rows
+        if state.num_processes > 1:
+            shard = shard.shard(num_shards=state.num_processes, index=state.process_index, contiguous=True)
+        answers = generate(
+            model,
+            self.processor,
+            _Rows(shard),
+            self.prompt,
+            self.max_new_tokens,
+            self.batch_size,
+            desc="held-out ANLS",
+            leave=False,  # one bar an evaluation, inside the training bar
+        )
+        scores = [
+            (anls(predicted["answer"], gold), exact_match(predicted["answer"], gold))
+            for predicted, gold in zip(answers, shard["answers"], strict=True)
+        ]
+        if state.num_processes > 1:
+            scores = gather_object(scores)
+        count = max(len(scores), 1)
+        return {"anls": sum(a for a, _ in scores) / count, "exact_match": sum(e for _, e in scores) / count}
+
+
 def evaluate_model(
     model,
     processor,
@@ -280,13 +320,17 @@ def evaluate_model(
     meta: dict,
     compare_base: bool = True,
     train_rows=None,
+    page_base: Path | None = None,
 ) -> dict:
-    """Generate on eval_rows with the adapter (after) and, if asked, without it (before); write the report.
+    """Generate on eval_rows with the adapter (after) and, if asked, without it (before); write the report, each
+    question with its page(s) named (relative to `page_base`, the dataset's folder, or by content digest).
 
     Under a multi-process launch (DDP: every process holds the whole model) each process answers a contiguous
     shard of the rows and the main process gathers them, so the report is the one a single process writes, once."""
     from accelerate import PartialState
     from accelerate.utils import gather_object
+
+    from docvlm.data import page_names
 
     state = PartialState()
     started = time.perf_counter()
@@ -296,9 +340,10 @@ def evaluate_model(
     questions = list(shard["question"])
     rows = _Rows(shard)
     groups = list(shard["group"]) if "group" in shard.column_names else [None] * len(questions)
+    pages = page_names(shard, page_base)
     items = [
-        {"row": r, "question": q, "answers": a, "group": g}
-        for r, q, a, g in zip(shard["row"], questions, shard["answers"], groups, strict=True)
+        {"row": r, "pages": p, "question": q, "answers": a, "group": g}
+        for r, p, q, a, g in zip(shard["row"], pages, questions, shard["answers"], groups, strict=True)
     ]
     systems = []
     if train_rows is not None:
@@ -333,6 +378,35 @@ def evaluate_model(
         write_report(out_dir, items, summary, meta)
         print(terminal_summary(summary, meta, out_dir))
     return {**meta, **summary}
+
+
+def adapter_step_text(meta: dict) -> str:
+    """' (step 100, the best eval_anls 0.62)' when the adapter is a best checkpoint's, else ' (step N)'."""
+    if "adapter_step" not in meta:
+        return ""
+    best = meta.get("best_metric")
+    if best:
+        ((metric, value),) = best.items()
+        return f" (step {meta['adapter_step']}: the best evaluation by {metric}, {value:.3f})"
+    return f" (step {meta['adapter_step']})"
+
+
+def data_lines(meta: dict, count: int) -> list[str]:
+    """What report.md says of the held-out pages and the skipped rows (from data_report.json's counts)."""
+    lines = []
+    held = (meta.get("data") or {}).get("held_out")
+    if held:
+        lines += [
+            "",
+            f"Held out by eval_split_size: {held_out_units(held)} of {held['units']}, with their "
+            f"{held['held_out_questions']} questions, none of them trained on; data_report.json lists them.",
+        ]
+    skipped = (meta.get("skipped") or {}).get("by_reason") or {}
+    if skipped:
+        listed = ", ".join(f"{entry['count']} {reason}" for reason, entry in skipped.items())
+        lines += ["", f"Skipped before training: {listed} (data_report.json lists every row)."]
+    note = small_held_out_note(count)
+    return lines + (["", f"**{note}**"] if note else [])
 
 
 def terminal_summary(summary: dict, meta: dict, out_dir: Path) -> str:
@@ -377,13 +451,16 @@ def load_trained(model_args, training_args, base_path: str, run_dir: Path):
 
 def run_eval(argv: list[str] | None = None) -> dict:
     """`docvlm eval --config recipe.yaml [--adapter DIR]`: before/after report for a trained adapter."""
+    from accelerate import PartialState
+
+    from docvlm import tiny
     from docvlm.config import UserError, parse_recipe, recipe_argument
-    from docvlm.data import load_splits
+    from docvlm.data import DataReport, dataset_folder, load_splits
     from docvlm.hub import check_recipe_sources
     from docvlm.modeling import load_processor, model_path
     from docvlm.preflight import warn_long_answers
     from docvlm.runtime import disable_cudnn_attention
-    from docvlm.screen import screen_split, skip_summary
+    from docvlm.screen import screen_split
 
     data_args, model_args, training_args, eval_args = parse_recipe(argv)
     adapter = Path(eval_args.adapter or training_args.output_dir)
@@ -399,11 +476,14 @@ def run_eval(argv: list[str] | None = None) -> dict:
         print(f"Replacing the earlier evaluation in {out_dir}/ (report.md, report.json, predictions.jsonl).")
     check_recipe_sources(model_args, data_args)
     path = model_path(model_args)
-    train_rows, eval_rows = load_splits(data_args)
+    data_report = DataReport(data_args.dataset_name)
+    train_rows, eval_rows = load_splits(data_args, report=data_report)
     processor = load_processor(model_args, str(adapter))
-    eval_rows, skipped = screen_split(
-        eval_rows, processor, data_args, training_args.max_length, data_args.dataset_test_split
+    eval_rows, _ = screen_split(
+        eval_rows, processor, data_args, training_args.max_length, data_args.dataset_test_split, data_report
     )
+    if PartialState().is_main_process:
+        data_report.write(out_dir)
     warn_long_answers(processor.tokenizer, eval_rows, eval_args.eval_max_new_tokens)
     if not training_args.cudnn_attention:
         disable_cudnn_attention()  # generation meets a new length at every token
@@ -416,7 +496,8 @@ def run_eval(argv: list[str] | None = None) -> dict:
         eval_args.eval_max_new_tokens,
         training_args.per_device_eval_batch_size,
         out_dir,
-        {**report_meta(data_args, model_args, adapter, recipe_argument(argv)), "skipped": skip_summary(skipped)},
+        {**report_meta(data_args, model_args, adapter, recipe_argument(argv)), **data_report.report_meta()},
         compare_base=eval_args.eval_compare_base,
         train_rows=train_rows,
+        page_base=dataset_folder(tiny.resolve(data_args.dataset_name)),
     )

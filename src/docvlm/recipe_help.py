@@ -83,8 +83,11 @@ HELP_SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "dataset_config",
             "dataset_train_split",
             "dataset_test_split",
+            "data_files",
+            "json_field",
             "eval_split_size",
             "eval_split_seed",
+            "eval_split_by",
             "image_column",
             "question_column",
             "answers_column",
@@ -134,6 +137,9 @@ HELP_SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "save_steps",
             "save_total_limit",
             "eval_strategy",
+            "eval_steps",
+            "metric_for_best_model",
+            "load_best_model_at_end",
             "resume_from_checkpoint",
             "seed",
             "report_to",
@@ -141,7 +147,17 @@ HELP_SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "hub_model_id",
         ),
     ),
-    ("Evaluation", ("eval_after_training", "eval_compare_base", "eval_max_new_tokens", "adapter", "eval_output_dir")),
+    (
+        "Evaluation",
+        (
+            "eval_after_training",
+            "eval_compare_base",
+            "eval_max_new_tokens",
+            "eval_anls_samples",
+            "adapter",
+            "eval_output_dir",
+        ),
+    ),
 )
 
 # Fields that --help never lists, not even --help-all: what docvlm refuses or never reads.
@@ -184,8 +200,8 @@ HELP_OVERRIDES = {
     "bnb_4bit_quant_storage": "The dtype that stores the 4-bit weights (unset: uint8; under DeepSpeed ZeRO-3, the "
     "training dtype, set by docvlm).",
     "use_peft": "Train a LoRA adapter; false fine-tunes all the weights.",
-    "dataset_name": "A Hub id, a local path (parquet / jsonl / csv file or folder, a save_to_disk folder, an image "
-    "folder with metadata.jsonl) or the offline fixture docvlm:tiny-docs.",
+    "dataset_name": "A Hub id, a local table file or folder (of tables, or of pages with a metadata.csv), or "
+    "docvlm:tiny-docs.",
     "dataset_config": "The dataset configuration name (the `name` argument of datasets.load_dataset).",
     "dataset_train_split": "The split to train on.",
     "dataset_test_split": "The held-out split, for evaluation.",
@@ -194,10 +210,15 @@ HELP_OVERRIDES = {
     "warmup_steps": "Linear warmup steps (a float below 1: that fraction of all steps).",
     "max_length": "Longest sample in tokens (image tokens included). A longer sample is an error: image tokens "
     "cannot be truncated.",
+    "gradient_checkpointing": "Recompute the decoder's activations in the backward pass: less memory, slower steps.",
+    "weight_decay": "Weight decay of the optimizer (biases and norm weights excluded).",
     "dataloader_num_workers": "Processes that load and decode the pages (0: the training process does it).",
     "logging_steps": "Log every N steps (a float below 1: that fraction of all steps).",
     "save_steps": "Checkpoint every N steps (a float below 1: that fraction of all steps).",
     "save_total_limit": "Keep at most N checkpoints in output_dir, deleting the oldest.",
+    "eval_steps": "Evaluate every N steps (a float below 1: that fraction of all steps; unset: logging_steps).",
+    "metric_for_best_model": "What load_best_model_at_end picks by: loss, or anls / exact_match (eval_anls_samples).",
+    "load_best_model_at_end": "Keep the best evaluation's checkpoint as the run's adapter (saves with evaluations).",
     "resume_from_checkpoint": "Resume from this checkpoint folder, or true / latest: the newest in output_dir.",
     "report_to": "Where to log: none, all (installed integrations), tensorboard, wandb...",
     "push_to_hub": "Push checkpoints, then the adapter and evaluation report, to hub_model_id (needs HF_TOKEN or "

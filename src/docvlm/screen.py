@@ -20,16 +20,34 @@ from pathlib import Path
 from docvlm.collator import as_answers
 from docvlm.errors import UserError
 
-SCREEN_VERSION = "1"  # part of the cache key: bump when a check changes
+SCREEN_VERSION = "2"  # part of the cache key: bump when a check changes
 MIN_SIDE = 8  # pixels: smaller is not a page (a 1x1 placeholder, a broken thumbnail)
 MAX_ASPECT = 30  # a page 30x longer than wide is a strip or a broken scan, and resizes to nothing readable
-SHOWN = 5  # problems printed in full; all are counted, and report.json lists up to REPORTED
-REPORTED = 100
+SHOWN = 5  # problems printed in full; all are counted, and data_report.json lists them all
+
+
+# Why a row is skipped: the reasons data_report.json groups skipped rows by.
+NO_QUESTION = "no question"
+NO_ANSWER = "no answer"
+IMAGE_MISSING = "image missing"
+IMAGE_UNREADABLE = "image unreadable"
+IMAGE_TOO_LARGE = "image too large to decode"
+IMAGE_SHAPE = "image too small or too narrow"
+TOO_LONG = "longer than max_length"
+BAD_PROMPT = "question cannot be prompted"
+
+
+class PageProblem(ValueError):
+    """A page that cannot be used: `reason` (one of the constants above) and what exactly is wrong."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
 
 
 def open_page(stored, where: str):
     """A page from a datasets image cell ({bytes, path}) or a PIL image, decoded in full and converted to RGB;
-    raises ValueError saying what is wrong with it."""
+    raises PageProblem saying what is wrong with it."""
     from PIL import Image
 
     from docvlm.collator import to_rgb
@@ -38,13 +56,13 @@ def open_page(stored, where: str):
         image = stored
     else:
         if not isinstance(stored, dict) or (stored.get("bytes") is None and not stored.get("path")):
-            raise ValueError("no image")
+            raise PageProblem(IMAGE_MISSING, "no image")
         source = io.BytesIO(stored["bytes"]) if stored.get("bytes") is not None else stored["path"]
         if isinstance(source, str):
             if not os.path.isfile(source):
-                raise ValueError(f"image file '{source}' not found")
+                raise PageProblem(IMAGE_MISSING, f"image file '{source}' not found")
             if os.path.getsize(source) == 0:
-                raise ValueError(f"image file '{source}' is empty (0 bytes)")
+                raise PageProblem(IMAGE_MISSING, f"image file '{source}' is empty (0 bytes)")
         try:
             with warnings.catch_warnings():
                 # Pillow warns above MAX_IMAGE_PIXELS and raises at twice that: both are decompression bombs here
@@ -52,40 +70,45 @@ def open_page(stored, where: str):
                 image = Image.open(source)
                 image.load()  # a truncated file fails here, not at open
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-            raise ValueError(f"image too large to decode safely ({error})") from None
+            raise PageProblem(IMAGE_TOO_LARGE, f"image too large to decode safely ({error})") from None
         except (OSError, SyntaxError, ValueError) as error:
-            raise ValueError(f"image cannot be decoded ({type(error).__name__}: {error})") from None
+            detail = f"image cannot be decoded ({type(error).__name__}: {error})"
+            raise PageProblem(IMAGE_UNREADABLE, detail) from None
     width, height = image.size
     if min(width, height) < MIN_SIDE:
-        raise ValueError(f"image is {width}x{height} pixels, below {MIN_SIDE} on a side")
+        raise PageProblem(IMAGE_SHAPE, f"image is {width}x{height} pixels, below {MIN_SIDE} on a side")
     if max(width, height) > MAX_ASPECT * min(width, height):
-        raise ValueError(f"image is {width}x{height} pixels, more than {MAX_ASPECT}:1")
+        raise PageProblem(IMAGE_SHAPE, f"image is {width}x{height} pixels, more than {MAX_ASPECT}:1")
     return to_rgb(image, where)
 
 
-def row_problem(row: dict, collator, columns: dict[str, str]) -> tuple[str, str] | None:
-    """(field, what is wrong) for a row that cannot be trained on or scored, else None."""
+def row_problem(row: dict, collator, columns: dict[str, str]) -> tuple[str, str, str] | None:
+    """(field, reason, what is wrong) for a row that cannot be trained on or scored, else None."""
     question = row.get("question")
     if row.get("messages") is None and (not isinstance(question, str) or not question.strip()):
-        return columns["question"], "the question is empty" if isinstance(question, str) else "no question"
+        return columns["question"], NO_QUESTION, "the question is empty" if isinstance(question, str) else "no question"
     if not as_answers(row.get("answers")):
-        return columns["answers"], "no non-empty answer"
+        return columns["answers"], NO_ANSWER, "no non-empty answer"
     stored = row.get("image")
     pages = []
     for page in stored if isinstance(stored, list) else [stored]:
         try:
             pages.append(open_page(page, "Row"))
-        except (ValueError, UserError) as error:
-            return columns["image"], str(error)
+        except PageProblem as problem:
+            return columns["image"], problem.reason, str(problem)
+        except UserError as error:
+            return columns["image"], IMAGE_UNREADABLE, str(error)
     if not pages:
-        return columns["image"], "no image"
+        return columns["image"], IMAGE_MISSING, "no image"
     try:
         length = collator.lengths([{**row, "image": pages, "answers": as_answers(row["answers"])}])[0]
     except UserError as error:
-        return columns["question"], str(error).removeprefix("Row: ").removeprefix("Row ")
+        return columns["question"], BAD_PROMPT, str(error).removeprefix("Row: ").removeprefix("Row ")
     if collator.max_length is not None and length > collator.max_length:
-        return columns["image"], (
-            f"{length} tokens (image tokens included), over max_length={collator.max_length}; skipped, never cut"
+        return (
+            columns["image"],
+            TOO_LONG,
+            (f"{length} tokens (image tokens included), over max_length={collator.max_length}; skipped, never cut"),
         )
     return None
 
@@ -93,7 +116,11 @@ def row_problem(row: dict, collator, columns: dict[str, str]) -> tuple[str, str]
 def _check_batch(batch, collator, columns):
     rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
     found = [row_problem(row, collator, columns) for row in rows]
-    return {"_field": [p[0] if p else None for p in found], "_problem": [p[1] if p else None for p in found]}
+    return {
+        "_field": [p[0] if p else None for p in found],
+        "_reason": [p[1] if p else None for p in found],
+        "_problem": [p[2] if p else None for p in found],
+    }
 
 
 def _undecoded(rows):
@@ -166,7 +193,7 @@ def _check_all(rows, collator, columns, split: str) -> list[dict]:
             local.collator = copy.deepcopy(collator)
         return _check_batch(batch, local.collator, columns)
 
-    fields, problems = [], []
+    fields, reasons, problems = [], [], []
     window = CHECK_BATCH * workers * 4  # rows read at a time: a large split's pages are never all in memory at once
     quiet = not PartialState().is_local_main_process
     with (
@@ -178,11 +205,12 @@ def _check_all(rows, collator, columns, split: str) -> list[dict]:
             batches = [undecoded[i : min(i + CHECK_BATCH, end)] for i in range(start, end, CHECK_BATCH)]
             for checked in pool.map(check, batches):
                 fields += checked["_field"]
+                reasons += checked["_reason"]
                 problems += checked["_problem"]
                 bar.update(len(checked["_field"]))
     return [
-        {"split": split, "row": row, "index": index, "field": field, "problem": problem}
-        for index, (row, field, problem) in enumerate(zip(rows["row"], fields, problems, strict=True))
+        {"split": split, "row": row, "index": index, "field": field, "reason": reason, "problem": problem}
+        for index, (row, field, reason, problem) in enumerate(zip(rows["row"], fields, reasons, problems, strict=True))
         if problem is not None
     ]
 
@@ -228,22 +256,18 @@ def screen(rows, collator, columns: dict[str, str], split: str, source: str, pol
     return kept, found
 
 
-def screen_split(rows, processor, data_args, max_length: int | None, split: str):
-    """screen() with the recipe's prompt, columns and policy, as training and `docvlm eval` check a split. Its own
-    collator: "first" draws nothing from the training collator's seeded answer choice."""
+def screen_split(rows, processor, data_args, max_length: int | None, split: str, report=None):
+    """screen() with the recipe's prompt, columns and policy, as training and `docvlm eval` check a split; `report`
+    (a DataReport) gets the skipped rows and the count kept. Its own collator: "first" draws nothing from the
+    training collator's seeded answer choice."""
     from docvlm.collator import DocVQACollator, Prompt
     from docvlm.data import role_columns
 
     checker = DocVQACollator(processor, Prompt.of(data_args), max_length, "first")
     columns = role_columns(data_args)
-    return screen(rows, checker, columns, split, data_args.dataset_name, data_args.on_bad_example)
-
-
-def skip_summary(problems: list[dict]) -> dict:
-    """What report.json records of the skipped rows: counts per split and field, and the first REPORTED."""
-    counts: dict[str, int] = {}
-    for problem in problems:
-        key = f"{problem['split']}/{problem['field']}"
-        counts[key] = counts.get(key, 0) + 1
-    listed = [{k: v for k, v in p.items() if k != "index"} for p in problems[:REPORTED]]
-    return {"count": len(problems), "by_split_and_field": counts, "rows": listed}
+    kept, found = screen(rows, checker, columns, split, data_args.dataset_name, data_args.on_bad_example)
+    if report is not None:
+        for problem in found:
+            report.skip(split, problem["row"], problem["field"], problem["reason"], problem["problem"])
+        report.used(split, len(kept))
+    return kept, found

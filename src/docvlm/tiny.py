@@ -28,7 +28,7 @@ PREFIX = "docvlm:"
 FIXTURES = (TINY_MODEL, TINY_IDEFICS3, TINY_LLAVA, TINY_PALIGEMMA, TINY_DATASET, TINY_RECEIPTS, TINY_CHARTS)
 
 # Bump when the fixture's recipe changes, so stale caches are rebuilt rather than reused.
-FIXTURE_VERSION = "12"
+FIXTURE_VERSION = "13"
 
 # Idefics2's chat template, as shipped in the model's processor config.
 IDEFICS2_CHAT_TEMPLATE = (
@@ -433,17 +433,27 @@ def render_document(rng: random.Random, values: list[str]):
     return page
 
 
-def make_rows(n: int, seed: int) -> list[dict]:
+def page_digest(image) -> str:
+    """A page's pixel content, whatever its file encoding."""
+    import hashlib
+
+    return hashlib.sha256(f"{image.mode}{image.size}".encode() + image.tobytes()).hexdigest()
+
+
+def make_rows(n: int, seed: int, avoid: set[str] | frozenset = frozenset()) -> list[dict]:
     """Synthetic rows with DocVQA's columns (id, image, query by language, answers list) plus doc_type and field.
 
     Each page shows FIELDS_PER_PAGE of the four fields' values; the question names a field by the document
-    type's label for it, never its value, and the answer is that field's value on the page.
+    type's label for it, never its value, and the answer is that field's value on the page. A page whose pixels
+    are in `avoid` (page_digest) is drawn again: a held-out split avoids the training pages.
     """
     from tqdm.auto import tqdm
 
     rng = random.Random(seed)
     rows = []
-    for i in tqdm(range(n), desc="Rendering synthetic pages", unit="page", leave=False):
+    bar = tqdm(total=n, desc="Rendering synthetic pages", unit="page", leave=False)
+    while len(rows) < n:
+        i = len(rows)
         doc_type = rng.choice(sorted(_DOC_TYPES))
         labels = _DOC_TYPES[doc_type]
         fields = rng.sample(sorted(_VALUES), FIELDS_PER_PAGE)
@@ -451,16 +461,21 @@ def make_rows(n: int, seed: int) -> list[dict]:
         asked = rng.choice(fields)
         answer = values[asked]
         answers = [answer, answer.lstrip("$")] if answer.startswith("$") else [answer]
+        page = render_document(rng, [values[f] for f in fields])
+        if avoid and page_digest(page) in avoid:
+            continue
+        bar.update()
         rows.append(
             {
                 "id": f"{seed}-{i}",
-                "image": render_document(rng, [values[f] for f in fields]),
+                "image": page,
                 "query": {"en": _question(asked, labels[asked])},
                 "answers": answers,
                 "doc_type": doc_type,
                 "field": asked,
             }
         )
+    bar.close()
     return rows
 
 
@@ -478,8 +493,10 @@ def build_tiny_dataset(out_dir: Path) -> None:
             "field": Value("string"),
         }
     )
-    for split, n, seed in (("train", TINY_TRAIN_SIZE, 1), ("test", TINY_TEST_SIZE, 2)):
-        Dataset.from_list(make_rows(n, seed), features=features).to_parquet(str(out_dir / f"{split}.parquet"))
+    train = make_rows(TINY_TRAIN_SIZE, seed=1)
+    test = make_rows(TINY_TEST_SIZE, seed=2, avoid={page_digest(row["image"]) for row in train})  # truly unseen
+    for split, rows in (("train", train), ("test", test)):
+        Dataset.from_list(rows, features=features).to_parquet(str(out_dir / f"{split}.parquet"))
     # A dataset card with a metadata block: without one, `datasets` logs "Repo card metadata block was not found".
     (out_dir / "README.md").write_text(
         "---\npretty_name: docvlm tiny documents\nlicense: apache-2.0\n---\n\n"

@@ -62,13 +62,14 @@ def check_push(training_args) -> None:
 
 def run(argv: list[str] | None = None, callbacks: list | None = None):
     """Train from a recipe; returns the trainer and the final metrics. `callbacks`: extra TrainerCallbacks."""
+    from accelerate import PartialState
     from transformers import set_seed
 
     from docvlm import tiny
     from docvlm.card import adapter_card
     from docvlm.collator import DocVQACollator, Prompt
     from docvlm.config import parse_recipe, recipe_argument
-    from docvlm.data import load_splits
+    from docvlm.data import DataReport, dataset_folder, load_splits
     from docvlm.distributed import (
         WEIGHT_SHARDING,
         launch_mode,
@@ -76,7 +77,7 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
         refuse_unsupported_switches,
         whole_model_loading,
     )
-    from docvlm.evaluate import evaluate_model, load_trained, report_meta
+    from docvlm.evaluate import HeldOutScores, evaluate_model, load_trained, report_meta
     from docvlm.families import apply_switches, family_at, refuse_what_does_not_apply
     from docvlm.hub import check_recipe_sources
     from docvlm.lora_forward import lean_lora_forward
@@ -91,7 +92,6 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
     )
     from docvlm.runs import StopRequests, check_output_dir, resolve_checkpoint
     from docvlm.runtime import disable_cudnn_attention, freeze_garbage_after_first_step, use_expandable_segments
-    from docvlm.screen import skip_summary
     from docvlm.trainer import DocVLMTrainer
     from docvlm.vision_tower import offload_tower_while_cached
 
@@ -114,12 +114,17 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
     family = family_at(path, model_args.model_revision, training_args.trust_remote_code)
     refuse_what_does_not_apply(family, model_args, training_args)
     check_lora_targets(model_args, path, training_args.trust_remote_code)  # before the data and the weights
+    refuse_scores_without_whole_model(mode, training_args, eval_args)
     needs_eval = training_args.eval_strategy != "no" or eval_args.eval_after_training
-    train_dataset, eval_dataset = load_splits(data_args, need_eval=needs_eval)
+    data_report = DataReport(data_args.dataset_name)
+    train_dataset, eval_dataset = load_splits(data_args, need_eval=needs_eval, report=data_report)
     processor = load_processor(model_args, path)
-    train_dataset, eval_dataset, skipped = check_data_against_recipe(
-        processor, train_dataset, eval_dataset, data_args, training_args, eval_args
+    train_dataset, eval_dataset = check_data_against_recipe(
+        processor, train_dataset, eval_dataset, data_args, training_args, eval_args, data_report
     )
+    output_dir = Path(training_args.output_dir)
+    if PartialState().is_main_process:
+        data_report.write(output_dir)  # before the model loads: every run says what became of every row
     if training_args.cuda_expandable_segments:
         use_expandable_segments()  # before the model takes its memory
     if not training_args.cudnn_attention:
@@ -132,7 +137,16 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
     # made here, so that a tower it cannot move is refused before the cache fill; it moves when training starts
     offload = offload_tower_while_cached(model, feature_cache) if training_args.vision_tower_offload else None
 
-    output_dir = Path(training_args.output_dir)
+    answer_scores = None
+    if eval_dataset is not None and training_args.eval_strategy != "no" and eval_args.eval_anls_samples > 0:
+        answer_scores = HeldOutScores(
+            eval_dataset,
+            processor,
+            Prompt.of(data_args),
+            eval_args.eval_max_new_tokens,
+            training_args.per_device_eval_batch_size,
+            eval_args.eval_anls_samples,
+        )
     trainer = DocVLMTrainer(
         model=model,
         args=training_args,
@@ -150,6 +164,7 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
         peft_config=lora_config(model_args),
         callbacks=callbacks,
         model_card=lambda: adapter_card(model_args, data_args, output_dir),
+        answer_scores=answer_scores,
     )
     keep_trainable_fp32(trainer.model)
     if training_args.lora_lean_forward and not lean_lora_forward(trainer.model):
@@ -208,10 +223,12 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
                 output_dir,
                 meta={
                     **report_meta(data_args, model_args, output_dir, recipe_argument(argv)),
-                    "skipped": skip_summary(skipped),
+                    **data_report.report_meta(),
+                    **adapter_step(trainer),
                 },
                 compare_base=eval_args.eval_compare_base,
                 train_rows=train_dataset,
+                page_base=dataset_folder(tiny.resolve(data_args.dataset_name)),
             )
         metrics.update({f"generation_{k}": v for k, v in report["systems"]["after"].items()})
         del evaluated
@@ -220,8 +237,8 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
         trainer.push_to_hub(commit_message="docvlm: adapter, processor and evaluation report")
     if trainer.accelerator.is_main_process:
         fixture = data_args.dataset_name == tiny.TINY_DATASET
-        if skipped:
-            print(f"Skipped {len(skipped)} bad row(s) before training (on_bad_example: skip); report.json lists them.")
+        listed = f" {output_dir / 'data_report.json'} lists them by reason." if data_report.skipped else ""
+        print(data_report.summary() + listed)
         print(where_things_are(output_dir, training_args.report_to, page_hint=fixture))
     return trainer, metrics
 
@@ -241,25 +258,45 @@ def fill_vision_cache(trainer, cache, processor) -> None:
     accelerator.wait_for_everyone()
 
 
-def check_data_against_recipe(processor, train_rows, eval_rows, data_args, training_args, eval_args):
+def check_data_against_recipe(processor, train_rows, eval_rows, data_args, training_args, eval_args, report):
     """Before the model loads: every row is checked (docvlm.screen) and the bad ones skipped or reported, as
-    on_bad_example says; held-out answers too long for eval_max_new_tokens are announced, not discovered in the
-    report. Returns the rows to use and the problems found. The optimizer steps are counted from the rows kept."""
+    on_bad_example says, into `report`; held-out answers too long for eval_max_new_tokens are announced, not
+    discovered in the report. Returns the rows to use. The optimizer steps are counted from the rows kept."""
     from docvlm.preflight import warn_long_answers
     from docvlm.screen import screen_split
 
     max_length = training_args.max_length
-    train_rows, skipped = screen_split(train_rows, processor, data_args, max_length, data_args.dataset_train_split)
+    train_rows, _ = screen_split(train_rows, processor, data_args, max_length, data_args.dataset_train_split, report)
     if len(train_rows) == 0:
         raise UserError(f"Every training row of {data_args.dataset_name} was skipped: see the problems above.")
     if eval_rows is not None:
-        eval_rows, eval_skipped = screen_split(
-            eval_rows, processor, data_args, max_length, data_args.dataset_test_split
-        )
-        skipped += eval_skipped
+        eval_rows, _ = screen_split(eval_rows, processor, data_args, max_length, data_args.dataset_test_split, report)
     if eval_rows is not None and eval_args.eval_after_training:
         warn_long_answers(processor.tokenizer, eval_rows, eval_args.eval_max_new_tokens)
-    return train_rows, eval_rows, skipped
+    return train_rows, eval_rows
+
+
+def refuse_scores_without_whole_model(mode: str, training_args, eval_args) -> None:
+    """Answering held-out questions during training needs the whole model on each process, which ZeRO-3 and FSDP
+    shard; the evaluation after training reloads it whole instead."""
+    from docvlm.distributed import WEIGHT_SHARDING
+
+    if mode in WEIGHT_SHARDING and training_args.eval_strategy != "no" and eval_args.eval_anls_samples > 0:
+        raise UserError(
+            f"eval_anls_samples is {eval_args.eval_anls_samples} with eval_strategy {training_args.eval_strategy}, "
+            f"but under {mode} no process holds the whole model to answer with during training. Set "
+            "eval_anls_samples: 0 (the held-out loss only; the evaluation after training still reports ANLS), or "
+            "launch with accelerate_configs/multi_gpu.yaml."
+        )
+
+
+def adapter_step(trainer) -> dict:
+    """Which step's adapter was evaluated: the best evaluation's (load_best_model_at_end) or the last step's."""
+    state, args = trainer.state, trainer.args
+    if args.load_best_model_at_end and state.best_model_checkpoint:
+        step = int(Path(state.best_model_checkpoint).name.split("-")[-1])
+        return {"adapter_step": step, "best_metric": {args.metric_for_best_model: state.best_metric}}
+    return {"adapter_step": state.global_step}
 
 
 def where_things_are(output_dir: Path, report_to, page_hint: bool = False) -> str:
@@ -270,6 +307,7 @@ def where_things_are(output_dir: Path, report_to, page_hint: bool = False) -> st
         ("report", "report.md", "report.md, report.json, predictions.jsonl, loss.png"),
         ("model card", "README.md", "README.md"),
         ("recipe", "recipe.yaml", "recipe.yaml (as resolved for this run)"),
+        ("data", "data_report.json", "data_report.json (rows read, questions made, skipped, held out)"),
     ]
     for title, probe, text in rows:
         if (output_dir / probe).is_file():

@@ -51,10 +51,25 @@ class DocVLMTrainer(SFTTrainer):
     TRL's do.
     """
 
-    def __init__(self, *args, model_card=None, **kwargs):
-        """`model_card`: a function returning the run's README.md text, written instead of TRL's template card."""
+    def __init__(self, *args, model_card=None, answer_scores=None, **kwargs):
+        """`model_card`: a function returning the run's README.md text, written instead of TRL's template card.
+        `answer_scores`: a function of the model returning scores of held-out questions answered by generation
+        ({"anls": ..., "exact_match": ...}, docvlm.evaluate.HeldOutScores), logged with each evaluation's loss."""
         self._model_card = model_card
+        self._answer_scores = answer_scores
         super().__init__(*args, **kwargs)
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, **kwargs):
+        """The held-out loss, and with `answer_scores` the generation scores beside it (eval_anls,
+        eval_exact_match), where the Trainer logs them and metric_for_best_model can pick them."""
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", "eval")
+        if self._answer_scores is not None and prefix == "eval":
+            if self.feature_cache is not None:
+                self.feature_cache.expect(None)  # the last loss batch's pages are not the ones generated on
+            scores = self._answer_scores(self.accelerator.unwrap_model(self.model))
+            output.metrics.update({f"{prefix}_{name}": value for name, value in scores.items()})
+        return output
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None, **kwargs):
         """Called by TRL at every checkpoint and by `push_to_hub`: write docvlm's card, not TRL's text-model
