@@ -7,6 +7,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 RECIPE ?= tiny_docvqa
+# a recipe's name (tiny_docvqa) or its path (recipes/tiny_docvqa.yaml, my/recipe.yaml)
+RECIPE_FILE = $(if $(filter %.yaml %.yml,$(RECIPE)),$(RECIPE),recipes/$(RECIPE).yaml)
 # train with ACCELERATE_CONFIG=multi_gpu: how many GPUs (processes) to use (default: the config's)
 NUM_GPUS ?=
 # eval: the adapter folder to evaluate (default: the recipe's output_dir)
@@ -23,7 +25,7 @@ ifndef HAS_GPU
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1073741824
 endif
 
-.PHONY: install train eval plan bench bench-multi bench-cpu test lint format clean
+.PHONY: install check-recipe train eval plan bench bench-multi bench-cpu test lint format clean
 
 install: $(VENV)/.installed
 
@@ -33,18 +35,27 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
-train: install
+# Before anything installs or imports: a mistyped RECIPE fails at once, naming the closest recipe.
+check-recipe:
+	@test -f "$(RECIPE_FILE)" || { $(PYTHON) -c 'import difflib, pathlib, sys; \
+		names = sorted(p.stem for p in pathlib.Path("recipes").glob("*.yaml")); \
+		close = difflib.get_close_matches(pathlib.Path(sys.argv[1]).stem, names, n=1); \
+		hint = f" Did you mean RECIPE={close[0]}?" if close else ""; listed = ", ".join(names); \
+		print(f"make: recipe {sys.argv[1]} not found.{hint} Recipes: {listed}.", file=sys.stderr)' \
+		"$(RECIPE_FILE)"; exit 2; }
+
+train: check-recipe install
 	$(BIN)/docvlm launch --config_file accelerate_configs/$(ACCELERATE_CONFIG).yaml \
-		$(if $(NUM_GPUS),--num_processes $(NUM_GPUS)) -m docvlm.train --config recipes/$(RECIPE).yaml $(ARGS)
+		$(if $(NUM_GPUS),--num_processes $(NUM_GPUS)) -m docvlm.train --config $(RECIPE_FILE) $(ARGS)
 
 # Before/after ANLS on the recipe's held-out split (train runs it at the end unless eval_after_training: false).
-eval: install
-	$(BIN)/docvlm eval --config recipes/$(RECIPE).yaml $(if $(ADAPTER),--adapter $(ADAPTER)) $(ARGS)
+eval: check-recipe install
+	$(BIN)/docvlm eval --config $(RECIPE_FILE) $(if $(ADAPTER),--adapter $(ADAPTER)) $(ARGS)
 
 # No GPU: check the recipe and a sample of its data; predict peak memory and step time on GPU (default h100-80gb).
 GPU ?=
-plan: install
-	$(BIN)/docvlm plan --config recipes/$(RECIPE).yaml $(if $(GPU),--gpu $(GPU)) $(ARGS)
+plan: check-recipe install
+	$(BIN)/docvlm plan --config $(RECIPE_FILE) $(if $(GPU),--gpu $(GPU)) $(ARGS)
 
 # GPU: the notebook's setup against our recipes on Idefics2-8B's architecture (docs/benchmarks.md).
 bench: install

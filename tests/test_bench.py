@@ -115,18 +115,25 @@ def test_the_table_compares_with_the_first_setup_and_shows_the_reload_check():
     run["allocated_at_start_gib"] = 5.25
     results = {
         "docvqa_qlora": {**run, "samples_per_s": 10.0, "processes": 1},
-        "deepspeed_zero3x2:docvqa_qlora": {**run, "samples_per_s": 7.0, "processes": 2, "reload_max_logit_diff": 0.0},
+        "deepspeed_zero3x2:docvqa_qlora": {
+            **run,
+            "samples_per_s": 7.0,
+            "processes": 2,
+            "reload_max_logit_diff": 0.0,
+            "reload_base_max_logit_diff": 1.5,
+        },
         "deepspeed_zero2x2:docvqa_qlora": {"error": "exit status 1"},
     }
     lines = table(results).splitlines()
-    assert "vs docvqa_qlora" in lines[0] and lines[0].endswith("reloaded adapter: max logit diff |")
+    assert "vs docvqa_qlora" in lines[0] and lines[0].endswith("max logit diff | (base model, the control) |")
     assert lines[1].count("|---") == lines[0].count("|") - 1
     cells = [cell.strip() for cell in lines[3].split("|")[1:-1]]
     header = [cell.strip() for cell in lines[0].split("|")[1:-1]]
     row = dict(zip(header, cells, strict=True))
     assert row["processes"] == "2" and row["samples/s"] == "7.00" and row["vs docvqa_qlora"] == "0.70x"
     assert row["allocated at start GiB / GPU"] == "5.25" and row["peak reserved GiB / GPU"] == "11.00"
-    assert row["reloaded adapter: max logit diff"] == "0.0000" and lines[2].endswith("| - |")
+    assert row["reloaded adapter: max logit diff"] == "0.0000" and row["(base model, the control)"] == "1.5000"
+    assert lines[2].endswith("| - | - |")
     assert "failed: exit status 1" in lines[4] and lines[4].count("|") == lines[3].count("|")
 
 

@@ -94,3 +94,38 @@ def test_readme_example_question_matches_the_first_exported_page(tmp_path):
     assert asked, "the README no longer asks page-000.png anything"
     assert main(["fixtures", "--export-pages", str(tmp_path), "--count", "1"]) == 0
     assert asked == {json.loads((tmp_path / "questions.jsonl").read_text())["question"]}
+
+
+def test_make_with_a_mistyped_recipe_fails_at_once_naming_the_closest_and_takes_a_path():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    started = time.monotonic()
+    run = subprocess.run(["make", "train", "RECIPE=tiny_docvq"], cwd=root, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and time.monotonic() - started < 5  # before installing or importing anything
+    assert "recipe recipes/tiny_docvq.yaml not found. Did you mean RECIPE=tiny_docvqa?" in run.stderr
+    assert "pip" not in run.stdout + run.stderr and "docvlm launch" not in run.stdout
+    dry = subprocess.run(
+        ["make", "-n", "train", "RECIPE=recipes/tiny_docvqa.yaml"], cwd=root, capture_output=True, text=True
+    )
+    assert "--config recipes/tiny_docvqa.yaml" in dry.stdout and "recipes/recipes" not in dry.stdout
+
+
+def test_a_deepspeed_launch_without_deepspeed_says_what_to_install(capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is not None:
+        pytest.skip("DeepSpeed is installed here: nothing to refuse")
+    argv = ["launch", "--config_file", "accelerate_configs/deepspeed_zero2.yaml", "-m", "docvlm.train"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "deepspeed_zero2.yaml launches with DeepSpeed, which is not installed: pip install -e '.[deepspeed]'" in err
+    assert main(["launch", "--config_file", "accelerate_configs/nope.yaml", "-m", "docvlm.train"]) == 2
+    assert (
+        "--config_file accelerate_configs/nope.yaml not found. Shipped: cpu, deepspeed_zero2" in capsys.readouterr().err
+    )
+
+
+def test_docvlm_train_without_a_recipe_asks_for_one(capsys):
+    assert main(["train"]) == 2
+    assert "No recipe: give one with --config recipes/<recipe>.yaml (chartqa_qlora" in capsys.readouterr().err

@@ -170,3 +170,25 @@ def test_16_bit_and_float_scans_keep_their_contrast():
             assert rgb[0, 0, 0] == 0 and rgb[-1, -1, 0] == 255 and 120 < rgb[32, 0, 0] < 135, image.mode
     eight_bit = Image.fromarray(np.full((4, 4), 200, dtype=np.int32))  # 8-bit values in an I-mode image
     assert np.asarray(to_rgb(eight_bit, "Row 0"))[0, 0, 0] == 200
+
+
+def test_a_page_that_no_longer_reads_is_skipped_in_its_batch_not_a_crash(processor, tmp_path, capsys):
+    """Training batches decode their pages as stored (docvlm.pages.undecoded_pages): a page that breaks after the
+    check before training costs its row, said and counted, never the run."""
+    import io
+
+    from PIL import Image
+
+    from docvlm.errors import UserError
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (60, 40), "white").save(buffer, format="PNG")
+    good = {"bytes": buffer.getvalue(), "path": None}
+    broken = {"bytes": buffer.getvalue()[:50], "path": None}
+    rows = [{"row": i, "image": page, "question": "Total?", "answers": ["7"]} for i, page in enumerate([good, broken])]
+    collator = DocVQACollator(processor, "Answer briefly.", None, "first")
+    batch = collator(rows)
+    assert batch["input_ids"].shape[0] == 1 and collator.skipped == 1
+    assert "Row 1: skipped in this batch, its page cannot be read now" in capsys.readouterr().err
+    with pytest.raises(UserError, match=r"No row of this batch can be read any more \(1\)"):
+        collator(rows[1:])

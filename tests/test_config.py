@@ -170,7 +170,7 @@ def test_out_of_range_values_are_refused_when_the_recipe_is_read(flag, value, me
         parse_recipe(["--config", "recipes/tiny_docvqa.yaml", f"{flag}={value}"])
 
 
-def test_lora_targets_that_match_no_layer_are_refused_before_the_data_or_weights_load(monkeypatch, capsys):
+def test_lora_targets_that_match_no_layer_are_refused_before_the_data_or_weights_load(monkeypatch, capsys, tmp_path):
     from docvlm import data, train
 
     def no_loading(*args, **kwargs):
@@ -178,6 +178,7 @@ def test_lora_targets_that_match_no_layer_are_refused_before_the_data_or_weights
 
     monkeypatch.setattr(data, "load_splits", no_loading)
     argv = ["--config", "recipes/tiny_docvqa.yaml", "--lora_target_regex", ".*text_model.*qkv_proj$"]
+    argv += ["--output_dir", str(tmp_path)]  # never the checkout's outputs/, which a user's `make train` fills
     assert train.main(argv) == 2
     err = capsys.readouterr().err
     assert "lora_target_regex matches no linear layer" in err and "model.text_model.layers.0.self_attn" in err
@@ -250,3 +251,21 @@ def test_vision_tower_offload_needs_the_cache_and_is_turned_off_on_the_cpu(tmp_p
         in capsys.readouterr().out
     )
     assert not trainer.args.vision_tower_offload and trainer.state.global_step == 1
+
+
+def test_a_mistyped_flag_is_refused_as_a_mistyped_key_is():
+    """argparse took --max_st for --max_steps and --learning_rat for --learning_rate; --learnig_rate got
+    HfArgumentParser's own message. The command line now says what a recipe's unknown key gets."""
+    base = ["--config", "recipes/tiny_docvqa.yaml"]
+    for flag, closest in (
+        ("--max_st", "--max_steps"),
+        ("--learning_rat", "--learning_rate"),
+        ("--learnig_rate", "--learning_rate"),
+    ):
+        with pytest.raises(UserError, match=f"Unknown flag '{flag}' on the command line. Did you mean '{closest}'"):
+            parse_recipe([*base, flag, "3"])
+    assert parse_recipe([*base, "--max-steps", "3", "--no_eval_compare_base"])[2].max_steps == 3  # real spellings
+    with pytest.raises(
+        UserError, match=r"Recipe recipes/tiny_docvq.yaml not found. Did you mean recipes/tiny_docvqa.yaml"
+    ):
+        parse_recipe(["--config", "recipes/tiny_docvq.yaml"])

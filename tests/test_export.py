@@ -29,6 +29,8 @@ def test_training_ends_with_a_before_after_report(trained):
     md = (out / "report.md").read_text()
     assert md.startswith("# Evaluation: recipes/tiny_docvqa.yaml\n")  # the recipe that was run
     assert "before (base model)" in md and "after (base + adapter)" in md and "![training loss](loss.png)" in md
+    after, blind = report["systems"]["after"]["anls"], report["systems"]["blind"]["anls"]
+    assert f"**{after - blind:+.3f}** over the question-only guess" in md  # not only over a random base
     assert (out / "loss.png").is_file()
     lines = (out / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == 8 and {"question", "answers", "before", "after", "after_anls"} <= set(json.loads(lines[0]))
@@ -63,6 +65,8 @@ def test_merged_model_gives_the_same_greedy_answers_as_the_adapter_on_its_4bit_b
     merged_dir = tmp_path / "merged"
     assert cli(["merge", "--adapter", str(out), "--out", str(merged_dir), "--dtype", "float32"]) == 0
     assert (merged_dir / "model.safetensors").is_file() and not (merged_dir / "adapter_config.json").exists()
+    mode = (merged_dir / "config.json").stat().st_mode & 0o777
+    assert (merged_dir / "model.safetensors").stat().st_mode & 0o777 == mode  # not safetensors' 0600
     assert (merged_dir / "adapter_report.json").is_file() and not (merged_dir / "report.json").exists()
     card = (merged_dir / "README.md").read_text()
     assert "docvlm:tiny-idefics2" in card and "docvlm:tiny-docs" in card and "ANLS" in card
@@ -75,6 +79,9 @@ def test_merged_model_gives_the_same_greedy_answers_as_the_adapter_on_its_4bit_b
     want = generate(adapted, adapter_processor, rows, prompt, 12, 4)
     got = generate(merged, processor, rows, prompt, 12, 4)
     assert [a["answer"] for a in got] == [a["answer"] for a in want]
+    with adapted.disable_adapter():  # the control: a merge that dropped the adapter would answer as the base does
+        base = generate(adapted, adapter_processor, rows, prompt, 12, 4)
+    assert [a["answer"] for a in base] != [a["answer"] for a in want]
 
 
 def test_merge_into_the_original_weights_says_so(trained, tmp_path):
@@ -130,13 +137,43 @@ def test_predict_many_from_jsonl(trained, tmp_path, capsys):
                 "--input",
                 str(tmp_path / "requests.jsonl"),
                 "--output",
-                str(tmp_path / "answers.jsonl"),
+                str(tmp_path / "outputs" / "answers.jsonl"),
             ]
         )
         == 0
     )
-    answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
-    assert [a["id"] for a in answers] == [0, 1, 2] and all(isinstance(a["answer"], str) for a in answers)
+    answers = [json.loads(line) for line in (tmp_path / "outputs" / "answers.jsonl").read_text().splitlines()]
+    assert [a["image"] for a in answers] == [f"../pages/{i}.png" for i in range(3)]  # from the answers' folder
+    again = tmp_path / "outputs" / "again.jsonl"  # so the answers feed predict again, as the README does
+    assert (
+        cli(
+            ["predict", "--adapter", str(out), "--input", str(again.with_name("answers.jsonl")), "--output", str(again)]
+        )
+        == 0
+    )
+    assert [json.loads(line)["answer"] for line in again.read_text().splitlines()] == [a["answer"] for a in answers]
+    assert [a["id"] for a in answers] == [0, 1, 2]
+    # the adapter reloaded from disk answers as the trained model did in the training's own evaluation, which the
+    # base model does not (the control: a predict that lost the adapter would fail here)
+    evaluated = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()][:3]
+    assert [a["answer"] for a in answers] == [item["after"] for item in evaluated]
+    assert [item["before"] for item in evaluated] != [item["after"] for item in evaluated]
+
+
+def test_predict_checks_its_pages_as_training_does(trained, tmp_path, capsys, monkeypatch):
+    """A 1x1 page was answered, and a decompression bomb raised Pillow's own error: predict reads pages through
+    the row check's open_page."""
+    from PIL import Image
+
+    out, _, _ = trained
+    Image.new("L", (1, 1)).save(tmp_path / "dot.png")
+    Image.new("RGB", (60, 40), "white").save(tmp_path / "page.png")
+    assert cli(["predict", "--adapter", str(out), "--image", str(tmp_path / "dot.png"), "--question", "Q?"]) == 2
+    assert "--image: image is 1x1 pixels, below 8 on a side" in capsys.readouterr().err
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # a 60x40 page is then above the guard
+    assert cli(["predict", "--adapter", str(out), "--image", str(tmp_path / "page.png"), "--question", "Q?"]) == 2
+    err = capsys.readouterr().err
+    assert "image too large to decode safely" in err and "DecompressionBomb" not in err.split(":")[0]
 
 
 def test_predict_input_errors(trained, tmp_path, capsys):
@@ -219,9 +256,11 @@ def test_push_without_network_is_a_clear_error(tmp_path, monkeypatch):
     assert run.returncode == 2 and "Traceback" not in run.stderr and "Could not reach" in run.stderr, run.stderr
 
 
-def test_push_to_hub_without_repo_id_fails_before_training(tmp_path):
+def test_push_to_hub_without_repo_id_fails_before_anything_loads(tmp_path, monkeypatch):
     from docvlm.train import run
+    from tests.test_train import loaders_that_must_not_run
 
+    loaders_that_must_not_run(monkeypatch)
     with pytest.raises(UserError, match="hub_model_id"):
         run(quick(tmp_path, "--push_to_hub", "true"))
     assert not Path(tmp_path, "adapter_model.safetensors").exists()

@@ -1,6 +1,7 @@
 """The Hub is unreachable in CI: loading by Hub id must fail fast and say how to use local copies."""
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -71,3 +72,21 @@ def test_train_on_hub_recipe_fails_fast_without_a_traceback(tmp_path):
         ("nielsr/docvqa_1200_examples", "dataset_name"),
     ):
         assert name in out.stderr and f"{key}: <dir>" in out.stderr
+
+
+def test_a_mistyped_local_folder_is_named_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    """`--dataset_name my_scan` beside a `my_scans` folder said the Hub could not be reached."""
+    import pytest
+
+    from docvlm.errors import UserError
+    from docvlm.hub import check_source
+
+    (tmp_path / "my_scans").mkdir()
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for name, near in (("my_scan", "my_scans"), ("./my_scan", "my_scans"), ("data/my_scans", None)):
+        check_source.cache_clear()
+        hint = f" Did you mean '{near}'" if near else ""
+        expected = rf"The dataset path '{re.escape(name)}' \(dataset_name\) does not exist\.{hint}"
+        with pytest.raises(UserError, match=expected):
+            check_source(name, "dataset", "dataset_name")

@@ -101,3 +101,25 @@ def test_a_recipe_without_lora_refuses_it():
     with pytest.raises(UserError, match="lora_lean_forward is true, but use_peft is false"):
         parse_recipe(["--config", "recipes/tiny_docvqa.yaml", "--use_peft", "false", "--lora_lean_forward", "true"])
     assert parse_recipe(["--config", "recipes/tiny_docvqa.yaml", "--lora_lean_forward", "true"])[2].lora_lean_forward
+
+
+def test_a_merged_adapter_takes_peft_s_forward_and_is_not_added_twice():
+    """After merge_adapter() the update is in the weights: the lean forward must leave it to peft, or it would add
+    it again. Unquantized weights, so that merging is exact."""
+    from docvlm.lora_forward import lean_lora_forward
+
+    torch.manual_seed(0)
+    model, batch = peft_tiny_model_and_batch(4, "recipes/tiny_docvqa.yaml", "--load_in_4bit", "false")
+    for module in model.modules():  # a visible adapter
+        if hasattr(module, "lora_B"):
+            torch.nn.init.normal_(module.lora_B["default"].weight, std=0.05)
+    model.eval()
+    with torch.no_grad():
+        adapted = model(**batch).logits
+        with model.disable_adapter():
+            base = model(**batch).logits
+        lean_lora_forward(model)
+        model.merge_adapter()
+        merged = model(**batch).logits
+    torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(adapted, base, atol=1e-2)  # an update added twice would be far off

@@ -24,7 +24,9 @@ SKIP, FAILS_FAST, SERVES = "skip", "fails fast", "serves"
 SPECIAL = [
     (r"^git clone <this repo>", SKIP, "a placeholder for the reader's clone: this test runs in a copy of the repo"),
     (r"^make test\b", SKIP, "the command that runs this test"),
-    (r"^make bench\b", SKIP, "needs a GPU"),
+    (r"^make bench(-multi)?$", SKIP, "needs a GPU: test_every_documented_gpu_command_... checks it stops at once here"),
+    (r"^make bench-cpu$", SKIP, "a CPU benchmark of several minutes: tests/test_bench_cpu.py runs one short run"),
+    (r"^pytest -m (multi)?gpu\b", SKIP, "needs a GPU: on a CPU every test it selects is skipped"),
     (r"^tensorboard ", SERVES, r"TensorBoard .* at http://localhost:6006"),
     (r"^make train RECIPE=docvqa_qlora$", FAILS_FAST, r"Could not reach the Hugging Face Hub.*model_name_or_path"),
     (r"--model_name_or_path /data/idefics2-8b", FAILS_FAST, r"The model path '/data/idefics2-8b'.*does not exist"),
@@ -167,6 +169,14 @@ def test_every_readme_command_runs_as_written(tmp_path):
     repo = run_documented_commands(README, SPECIAL, tmp_path)
     answers = (repo / "outputs" / "answers.jsonl").read_text().splitlines()
     assert len(answers) == 5 and all('"answer"' in line for line in answers)
+    # the figures the README quotes for the embedded default are the ones its `make train` gives
+    report = json.loads((repo / "outputs" / "tiny_docvqa" / "report.json").read_text())["systems"]
+    text = README.read_text()
+    low, high = map(float, re.search(r"\| after \(base \+ adapter\) \| ([\d.]+)-([\d.]+),", text).groups())
+    blind = float(re.search(r"\| question-only guess \(never sees the page\) \| ([\d.]+) \|", text).group(1))
+    shown = float(re.search(r"after \(base \+ adapter\) +ANLS ([\d.]+)", text).group(1))
+    assert low <= report["after"]["anls"] <= high and low <= shown <= high
+    assert report["blind"]["anls"] == pytest.approx(blind, abs=0.005)
 
 
 @pytest.mark.slow
@@ -180,3 +190,45 @@ def test_the_new_dataset_walkthrough_runs_as_written_and_ends_with_a_report(tmp_
         if "loss" in h
     ]
     assert losses[-1] < losses[0] / 3
+
+
+GPU_COMMAND = r"ACCELERATE_CONFIG=|^accelerate launch|^docvlm launch|^make bench(?!-cpu)|^sbatch"
+
+
+def documented_gpu_commands() -> list[str]:
+    """The commands of README.md and docs/ that need a GPU: the launches on several GPUs or machines, `make bench`,
+    and the real recipes (text blocks included, which the walkthrough tests do not run)."""
+    found = []
+    for doc in (README, *sorted((ROOT / "docs").glob("*.md"))):
+        for block in re.findall(r"```(?:bash|text)\n(.*?)```", doc.read_text(), flags=re.S):
+            for command in readme_commands(f"```bash\n{block}```"):
+                gpu = re.search(
+                    r"ACCELERATE_CONFIG=|^accelerate launch|^docvlm launch|^make bench(?!-cpu)|^sbatch", command
+                )
+                if gpu and "<" not in command:
+                    found.append(without_comment(command))
+    return found
+
+
+GPU_COMMAND_STOPS = r"Could not reach the Hugging Face Hub|needs a CUDA GPU|DeepSpeed, which is not installed"
+SEVERAL_MACHINES = r"--num_machines [2-9]|^sbatch"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", documented_gpu_commands())
+def test_every_documented_gpu_command_passes_its_checks_before_loading_on_a_cpu(command, tmp_path):
+    """Run as written with the Hub unreachable: it must stop where a CPU machine must (the Hub, no CUDA GPU,
+    DeepSpeed not installed), having passed the recipe's and the launch's own checks, and say so once."""
+    if re.search(SEVERAL_MACHINES, command):
+        pytest.skip("needs several machines: a second node to meet at --main_process_ip")
+    if not (Path(sys.prefix) / "bin" / "activate").is_file():
+        pytest.skip(f"needs the tests to run from a virtual environment (`make test`); {sys.prefix} is not one")
+    repo = copy_of_the_repository(tmp_path / "repo")
+    (Path(sys.prefix) / ".installed").touch()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "VIRTUAL_ENV", "PYTEST"))}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf-home"))
+    env["PATH"] = os.pathsep.join([str(Path(sys.prefix) / "bin"), env["PATH"]])
+    done = subprocess.run(["bash", "-c", command], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 2 and re.search(GPU_COMMAND_STOPS, output), output[-3000:]
+    assert "Traceback" not in output and len(re.findall(r"docvlm[\w ]*: error:", output)) <= 1, output[-3000:]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from docvlm import pages
 from docvlm import screen as checks
 from docvlm.collator import DocVQACollator, as_answers
 from docvlm.config import DataArguments
@@ -70,9 +71,9 @@ BAD = {
 
 # case name -> the reason data_report.json groups it under
 REASONS = {
-    **dict.fromkeys(["truncated_png", "truncated_jpeg", "random_bytes", "text_as_png"], checks.IMAGE_UNREADABLE),
-    **dict.fromkeys(["zero_bytes", "missing_file"], checks.IMAGE_MISSING),
-    **dict.fromkeys(["one_pixel", "strip"], checks.IMAGE_SHAPE),
+    **dict.fromkeys(["truncated_png", "truncated_jpeg", "random_bytes", "text_as_png"], pages.IMAGE_UNREADABLE),
+    **dict.fromkeys(["zero_bytes", "missing_file"], pages.IMAGE_MISSING),
+    **dict.fromkeys(["one_pixel", "strip"], pages.IMAGE_SHAPE),
     **dict.fromkeys(["empty_question", "blank_question", "null_question"], checks.NO_QUESTION),
     **dict.fromkeys(["empty_answer_list", "blank_answers", "null_answers"], checks.NO_ANSWER),
 }
@@ -259,3 +260,19 @@ def test_a_dataloader_workers_error_is_shown_as_its_own_message():
     )
     assert worker_free(wrapped) == "Row 7: the question is empty."
     assert worker_free("plain message") == "plain message"
+
+
+def test_a_page_changed_after_a_check_is_checked_again(tmp_path, processor, capsys):
+    """The check's cache was keyed on the dataset's fingerprint only: a page truncated after a clean check was
+    'checked before, 0 bad row(s)', then crashed training."""
+    data, names = folder_with(tmp_path, {"good_0": GOOD, "good_1": GOOD})
+    collator = DocVQACollator(processor, "Answer briefly.", 512, "first")
+    train, _ = load_splits(data, need_eval=False)
+    assert screen(train, collator, role_columns(data), "train", data.dataset_name)[1] == []
+    page = tmp_path / "good_1.img"
+    page.write_bytes(page.read_bytes()[:60])  # truncated after the check
+    capsys.readouterr()
+    train, _ = load_splits(data, need_eval=False)
+    kept, problems = screen(train, collator, role_columns(data), "train", data.dataset_name)
+    assert "checked before" not in capsys.readouterr().err
+    assert [p["row"] for p in problems] == [1] and "cannot be decoded" in problems[0]["problem"] and len(kept) == 1

@@ -7,7 +7,7 @@ import torch
 
 from docvlm.collator import DocVQACollator
 from docvlm.train import main, run
-from tests.helpers import quick
+from tests.helpers import mark_for_resume, quick
 
 
 def test_outputs_are_saved(trained):
@@ -29,6 +29,13 @@ def test_outputs_are_saved(trained):
     assert "eval_loss" not in metrics  # the tiny recipe's eval_strategy is 'no': no loss evaluation was asked for
     resolved = (out / "recipe.yaml").read_text()
     assert "max_train_samples: 16" in resolved and "hub_token" not in resolved
+    assert "do_train: true" in resolved  # the run as it was: it trained
+    if not torch.cuda.is_available():
+        assert "cudnn_attention: false" in resolved  # nothing of cuDNN was in effect on the CPU
+    mode = (out / "report.json").stat().st_mode & 0o777  # as the user's umask makes files
+    assert [(p.name, p.stat().st_mode & 0o777) for p in out.rglob("*.safetensors")] == [
+        (p.name, mode) for p in out.rglob("*.safetensors")
+    ]
 
 
 def test_loss_is_finite_and_logged(trained):
@@ -81,11 +88,7 @@ def test_resume_from_latest_checkpoint(trained, tmp_path):
     out, _, _ = trained
     resumed = tmp_path / "resumed"
     shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
-    # Mark the checkpoint's history: a resumed run carries it on, a fresh start would log step 1 anew.
-    state_file = resumed / "checkpoint-2" / "trainer_state.json"
-    state = json.loads(state_file.read_text())
-    next(h for h in state["log_history"] if h.get("step") == 1 and "loss" in h)["loss"] = 123.0
-    state_file.write_text(json.dumps(state))
+    mark_for_resume(resumed / "checkpoint-2")
 
     trainer, _ = run(
         quick(
@@ -110,10 +113,21 @@ def test_resume_from_latest_checkpoint(trained, tmp_path):
     assert sorted(steps) == [1, 2, 3, 4] and steps[1] == 123.0
 
 
-def test_resume_without_checkpoint_is_a_clear_error_before_anything_loads(tmp_path, capsys):
+def loaders_that_must_not_run(monkeypatch) -> None:
+    """The data and model loaders, made to fail the test if anything calls them."""
+    from docvlm import data, modeling
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("something was loaded before the error")
+
+    for module, name in ((data, "load_splits"), (modeling, "load_model"), (modeling, "load_processor")):
+        monkeypatch.setattr(module, name, loaded)
+
+
+def test_resume_without_checkpoint_is_a_clear_error_before_anything_loads(tmp_path, capsys, monkeypatch):
+    loaders_that_must_not_run(monkeypatch)
     assert main(quick(tmp_path, "--resume_from_checkpoint", "latest", "--max_steps", "1")) == 2
-    captured = capsys.readouterr()
-    assert "holds no complete checkpoint" in captured.err and "Split 'train'" not in captured.err  # data not loaded
+    assert "holds no complete checkpoint" in capsys.readouterr().err
 
 
 def test_run_folder_and_checkpoints_carry_docvlms_card_with_the_evaluation(trained):
@@ -137,6 +151,15 @@ def test_the_run_ends_by_saying_where_everything_is(trained):
     assert "adapter_model.safetensors" in text and "report.md" in text
     assert f"tensorboard --logdir {out / 'runs'}" in text and f"docvlm predict --adapter {out}" in text
     assert "--export-pages" in text and "--export-pages" not in where_things_are(out, [], page_hint=False)
+
+
+def test_the_last_lines_list_only_the_files_the_run_wrote(tmp_path):
+    from docvlm.train import where_things_are
+
+    for name in ("adapter_model.safetensors", "adapter_config.json", "report.md", "report.json", "predictions.jsonl"):
+        (tmp_path / name).write_text("x")  # a run too short for a loss plot
+    text = where_things_are(tmp_path, [])
+    assert "report       report.md, report.json, predictions.jsonl\n" in text + "\n" and "loss.png" not in text
 
 
 def test_one_process_with_several_gpus_is_refused():
@@ -394,7 +417,9 @@ def test_no_held_out_page_reaches_the_trainer(tmp_path, monkeypatch):
     original = DocVQACollator.__call__
 
     def recording(self, rows):
-        seen.extend(tiny.page_digest(row["image"].convert("RGB")) for row in rows)
+        from docvlm.collator import pages_of
+
+        seen.extend(tiny.page_digest(pages_of(row, "a training row")[0]) for row in rows)
         return original(self, rows)
 
     monkeypatch.setattr(DocVQACollator, "__call__", recording)
@@ -448,3 +473,20 @@ def test_a_run_without_evaluation_still_accounts_for_every_row(tmp_path, capsys)
     assert data["splits"]["train"]["rows"] == 12
     captured = capsys.readouterr().out
     assert "2 skipped (1 image missing, 1 no answer)" in captured and "data_report.json lists them" in captured
+
+
+def test_resuming_a_finished_run_changes_nothing(tmp_path, capsys):
+    """16 rows of 4 a step is 4 steps an epoch: max_steps 5 is not a multiple, and the Trainer's resume from
+    checkpoint-5 trained a sixth step and rewrote the run's results."""
+    out = tmp_path / "done"
+    argv = quick(out, "--max_steps", "5", "--save_steps", "5", "--eval_after_training", "false")
+    run(argv)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    trainer, metrics = run([*argv, "--resume_from_checkpoint", "latest"])
+    assert trainer is None and metrics == {}
+    assert "checkpoint-5 is the last step of its run (5): nothing is left to train" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+    longer, _ = run(
+        [*argv[:-2], "--max_steps", "6", "--resume_from_checkpoint", "latest", "--eval_after_training", "false"]
+    )
+    assert longer.state.global_step == 6  # asked for more: it trains on

@@ -89,14 +89,15 @@ def test_an_offloaded_tower_waits_in_cpu_memory_and_comes_back_for_a_page_the_ca
     weights = sum(t.numel() * t.element_size() for t in [*tower.parameters(), *tower.buffers()])
     assert offload.offloaded and f"({weights / 2**30:.2f} GiB) waits in CPU memory" in capsys.readouterr().out
 
-    restored = []
-    offload.restore = lambda: (restored.append(True), setattr(offload, "home", None))
+    moves = []  # the tower's own moves, by the real offload and restore (a CPU's "home" is the CPU too)
+    move = tower.to
+    tower.to = lambda device, *a, **k: (moves.append(str(device)), move(device, *a, **k))[1]
     loss_and_grads(model, batch)  # an empty cache: every page misses, so the tower must compute
-    assert restored == [True] and "pages to compute that the feature cache does not hold" in capsys.readouterr().out
+    assert moves == ["cpu"] and "pages to compute that the feature cache does not hold" in capsys.readouterr().out
     assert cache.misses == 2 and not offload.offloaded
 
-    del offload.restore
     callback.on_train_begin(None, None, None)
+    assert moves == ["cpu", "cpu"] and offload.offloaded
     loss_and_grads(model, batch)  # both pages cached now: the offloaded tower is not called
     assert offload.offloaded and cache.hits == 2
     callback.on_train_end(None, None, None)

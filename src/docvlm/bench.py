@@ -521,14 +521,16 @@ def run_recipe(
         result["cache_fill_page_wait_s"] = cache.fill_page_wait_seconds
         result["cache_fill_disk_wait_s"] = cache.fill_disk_wait_seconds
     if check_reload:
-        result["reload_max_logit_diff"] = reload_logit_difference(trainer, trainer.train_dataset)
+        result.update(reload_logit_difference(trainer, trainer.train_dataset) or {})
     return result
 
 
-def reload_logit_difference(trainer, rows, samples: int = 2) -> float | None:
+def reload_logit_difference(trainer, rows, samples: int = 2) -> dict | None:
     """Largest |logit| difference on `samples` rows between the trained model as it sits in the launch (sharded
     under ZeRO-3 / FSDP: every process takes part in its forward) and the adapter just saved in output_dir,
-    reloaded whole on the main process as `docvlm predict --adapter` loads it; None on the other processes."""
+    reloaded whole on the main process as `docvlm predict --adapter` loads it (reload_max_logit_diff), and, as the
+    control, the reloaded base model without the adapter (reload_base_max_logit_diff): a reload that lost the
+    adapter would be as far off as that. None on the other processes."""
     import torch
     from accelerate import PartialState
 
@@ -549,9 +551,15 @@ def reload_logit_difference(trainer, rows, samples: int = 2) -> float | None:
         with whole_model_loading():
             reloaded = load_for_inference(adapter=trainer.args.output_dir)[0]
             device = next(reloaded.parameters()).device
+            inputs = {k: v.to(device) for k, v in batch.items()}
             with torch.no_grad(), autocast_for(reloaded):
-                after = reloaded(**{k: v.to(device) for k, v in batch.items()}).logits.float()
-        difference = (before.to(after.device) - after).abs().max().item()
+                after = reloaded(**inputs).logits.float()
+                with reloaded.disable_adapter():
+                    base = reloaded(**inputs).logits.float()
+        difference = {
+            "reload_max_logit_diff": (before.to(after.device) - after).abs().max().item(),
+            "reload_base_max_logit_diff": (before.to(base.device) - base).abs().max().item(),
+        }
         del reloaded
     state.wait_for_everyone()
     return difference
@@ -631,6 +639,7 @@ def table(results: dict[str, dict]) -> str:
     ]
     if any("reload_max_logit_diff" in r for r in results.values()):
         columns.append(("reloaded adapter: max logit diff", _number("reload_max_logit_diff", 4)))
+        columns.append(("(base model, the control)", _number("reload_base_max_logit_diff", 4)))
     lines = ["| setup | " + " | ".join(title for title, _ in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, r in results.items():
         if "error" in r:

@@ -7,8 +7,10 @@ or a usage error should answer at once. Each command imports what it needs when 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -46,9 +48,14 @@ def main(argv: list[str] | None = None) -> int:
         from docvlm.train import main as train_main
 
         return train_main(rest)
-    if command == "launch":
-        return launch(rest)
-    commands = {"eval": evaluate, "predict": predict, "merge": merge, "push": push, "fixtures": fixtures}
+    commands = {
+        "launch": launch,
+        "eval": evaluate,
+        "predict": predict,
+        "merge": merge,
+        "push": push,
+        "fixtures": fixtures,
+    }
     if command == "plan":
         from docvlm.plan import main as plan_main
 
@@ -66,21 +73,81 @@ def main(argv: list[str] | None = None) -> int:
 def launch(argv: list[str]) -> int:
     """Run `accelerate launch ARGS`. When the job fails, accelerate raises CalledProcessError (one process) or
     torchrun's ChildFailedError (several) with a traceback that buries the job's own error message; here the job's
-    message stays last and a failure's exit status is returned."""
+    message stays last and the job's own exit status is returned.
+
+    SIGINT and SIGTERM sent to this process are forwarded to the training processes, which save a checkpoint and
+    stop (docvlm.runs.StopRequests). accelerate's and torchrun's own handlers are kept out for the launch: they
+    turn a signal into SIGTERM for the job and a SIGKILL a few seconds later, which can cut the stop checkpoint
+    off, or, with SIGINT ignored (a job started in the background), do nothing at all."""
     from accelerate.commands.launch import launch_command, launch_command_parser
 
     args = launch_command_parser().parse_args(argv)
+    check_launch_config(args)
     if args.num_cpu_threads_per_process is None and "OMP_NUM_THREADS" not in os.environ:
         args.num_cpu_threads_per_process = _cpu_threads_per_process(args)
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     try:
-        launch_command(args)
-    except subprocess.CalledProcessError as err:  # one process
-        return err.returncode
-    except ChildFailedError:  # several processes: torchrun has already listed which failed, and how
-        return 1
+        with forwarded_stop_signals():
+            launch_command(args)
+    except subprocess.CalledProcessError as err:  # one process; killed by a signal: 128 + its number, as a shell
+        return err.returncode if err.returncode > 0 else 128 - err.returncode
+    except ChildFailedError as err:  # several processes: torchrun has already listed which failed, and how
+        codes = [failure.exitcode for failure in err.failures.values()]
+        return next((c if c > 0 else 128 - c for c in codes if c), 1)
     return 0
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def forwarded_stop_signals():
+    """From here on, SIGINT and SIGTERM go to this process's children (the training processes, or torchrun's
+    workers, which the launch runs in this process) and nothing else happens here: the launch waits for them to
+    stop. Handlers the launch would install for these signals are left out."""
+    import psutil
+
+    def forward(signum, frame):
+        for child in psutil.Process().children():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.send_signal(signum)
+
+    install = signal.signal
+    for sig in STOP_SIGNALS:
+        install(sig, forward)  # kept after the launch too: a late signal finds no child, and does nothing
+
+    def keep_forwarding(sig, handler):
+        return forward if sig in STOP_SIGNALS else install(sig, handler)
+
+    signal.signal = keep_forwarding
+    try:
+        yield
+    finally:
+        signal.signal = install
+
+
+def check_launch_config(args) -> None:
+    """What accelerate finds out only with a traceback, said before the launch: a missing config file, or a
+    DeepSpeed config without DeepSpeed installed."""
+    import importlib.util
+
+    import yaml
+
+    config = {}
+    if args.config_file:
+        path = Path(args.config_file)
+        if not path.is_file():
+            shipped = ", ".join(sorted(p.stem for p in Path("accelerate_configs").glob("*.yaml")))
+            raise UserError(f"--config_file {path} not found." + (f" Shipped: {shipped}." if shipped else ""))
+        config = yaml.safe_load(path.read_text()) or {}
+    deepspeed = args.use_deepspeed or config.get("distributed_type") == "DEEPSPEED"
+    if deepspeed and importlib.util.find_spec("deepspeed") is None:
+        where = f"{args.config_file} launches" if args.config_file else "--use_deepspeed launches"
+        raise UserError(
+            f"{where} with DeepSpeed, which is not installed: pip install -e '.[deepspeed]' (or launch with "
+            "accelerate_configs/multi_gpu.yaml, which needs nothing more)."
+        )
 
 
 def _cpu_threads_per_process(args) -> int | None:
@@ -137,15 +204,14 @@ def _predict_parser() -> argparse.ArgumentParser:
 
 
 def _open_image(path: Path, where: str):
-    from PIL import Image, UnidentifiedImageError
+    """A page to answer about, read and checked as training reads and checks its pages (docvlm.pages): a page
+    training would skip (undecodable, a decompression bomb, a 1x1 placeholder, a strip) is refused here."""
+    from docvlm.pages import PageProblem, open_page
 
-    if not path.is_file():
-        raise UserError(f"{where}: image file {path} not found.")
     try:
-        with Image.open(path) as image:
-            return image.copy()
-    except (UnidentifiedImageError, OSError) as err:
-        raise UserError(f"{where}: {path} is not a readable image ({err}).") from None
+        return open_page({"bytes": None, "path": str(path)}, where)
+    except PageProblem as problem:
+        raise UserError(f"{where}: {problem}; it is not a page docvlm can answer about.") from None
 
 
 def _read_requests(path: Path) -> list[dict]:
@@ -200,11 +266,17 @@ def predict(argv: list[str]) -> int:
     if not args.input:
         print(answers[0]["answer"])
         return 0
+    if args.output:  # each image path relative to the answers' own folder, so that the file feeds predict again
+        for request in requests:
+            image = Path(request["image"])
+            image = image if image.is_absolute() else Path(args.input).parent / image
+            request["image"] = os.path.relpath(image, Path(args.output).parent)
     lines = [
         json.dumps({**{k: v for k, v in r.items() if k != "_image"}, "answer": a["answer"]}, ensure_ascii=False)
         for r, a in zip(requests, answers, strict=True)
     ]
     if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text("\n".join(lines) + "\n")
         print(f"{len(lines)} answers written to {args.output}", file=sys.stderr)
     else:

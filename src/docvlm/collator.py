@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from dataclasses import dataclass
 
 from docvlm.config import UserError
 from docvlm.families import family_of_processor
+from docvlm.pages import PageProblem, open_page, to_rgb
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
@@ -74,12 +76,13 @@ def question_of(row: dict, where: str) -> str:
 
 
 def pages_of(row: dict, where: str) -> list:
-    """A row's pages as RGB images: `image` holds one page or a list of pages (a multi-page document)."""
+    """A row's pages as RGB images: `image` holds one page or a list of pages (a multi-page document), decoded or
+    as stored ({bytes, path}, decoded here; docvlm.pages.PageProblem when one cannot be used)."""
     pages = row.get("image")
     pages = pages if isinstance(pages, list | tuple) else [pages]
     if not pages:
         raise UserError(f"{where}: no image. Check image_column.")
-    return [to_rgb(page, where) for page in pages]
+    return [open_page(page, where) if isinstance(page, dict) else to_rgb(page, where) for page in pages]
 
 
 def normalize_messages(messages, where: str) -> list[dict]:
@@ -171,31 +174,6 @@ def prompt_text(processor, prompt: Prompt | str, row: dict | str, pages: int = 1
     return processor.apply_chat_template(prompt_messages(row, prompt, pages), add_generation_prompt=True)
 
 
-def to_rgb(image, where: str):
-    """Pages arrive as L, RGB, RGBA, P, CMYK...; the processor wants RGB. Transparency is laid on white paper."""
-    from PIL import Image
-
-    if not isinstance(image, Image.Image):
-        raise UserError(f"{where}: expected an image, got {type(image).__name__}. Check image_column.")
-    if image.mode == "RGB":
-        return image
-    if image.mode.startswith("I") or image.mode == "F":
-        # 16-bit (I;16), 32-bit integer (I) and float (F) scans: Pillow's convert clips them at 255, which turns a
-        # 16-bit page white. Scale them into 8 bits instead (16-bit range when the values exceed 8 bits).
-        import numpy as np
-
-        values = np.asarray(image, dtype=np.float64)
-        brightest = float(values.max(initial=0))
-        top = max(brightest, 1.0) if image.mode == "F" else 65535.0 if brightest > 255 else 255.0
-        gray = np.clip(values * (255.0 / top), 0, 255).astype(np.uint8)
-        return Image.fromarray(gray, mode="L").convert("RGB")
-    if image.mode in ("RGBA", "LA", "P", "PA"):
-        rgba = image.convert("RGBA")
-        paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(paper, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
 class DocVQACollator:
     """Builds chat batches from question rows and conversations; see the module docstring for what is trained."""
 
@@ -232,6 +210,7 @@ class DocVQACollator:
         return self.rng.choice(answers) if self.answer_choice == "random" else answers[0]
 
     def __call__(self, rows: list[dict]) -> dict:
+        rows = self._readable(rows)
         if self.family.prefix_prompts:
             return self._prefix_batch(rows)
         conversations, images = self._conversations_and_images(rows)
@@ -242,6 +221,30 @@ class DocVQACollator:
         if self.page_keys is not None:
             batch.update(self.page_keys(batch))
         return batch
+
+    skipped = 0  # rows dropped from batches because a page could no longer be read
+
+    def _readable(self, rows: list[dict]) -> list[dict]:
+        """The rows with their pages decoded, less any whose page cannot be read any more (a file changed or
+        removed after the check before training): each is skipped, said and counted, never a crash mid-run."""
+        readable = []
+        for row in rows:
+            where = f"Row {row.get('row', '?')}"
+            try:
+                readable.append({**row, "image": pages_of(row, where)})
+            except PageProblem as problem:
+                self.skipped += 1
+                print(
+                    f"{where}: skipped in this batch, its page cannot be read now ({problem}), though it could "
+                    f"before training ({self.skipped} row(s) so far).",
+                    file=sys.stderr,
+                )
+        if not readable:
+            raise UserError(
+                f"No row of this batch can be read any more ({', '.join(str(r.get('row', '?')) for r in rows)}): "
+                "the dataset's files changed after the check before training. Train again to check them anew."
+            )
+        return readable
 
     def lengths(self, rows: list[dict]) -> list[int]:
         """Each row's length in tokens, image tokens included, as a batch would hold it (for checks up front)."""

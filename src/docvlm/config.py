@@ -560,18 +560,27 @@ YAML; a flag on the command line overrides the YAML. Example:
 
 
 def make_parser() -> TrlParser:
-    return TrlParser(RECIPE_DATACLASSES, usage=USAGE)
+    parser = TrlParser(RECIPE_DATACLASSES, usage=USAGE)
+    parser.allow_abbrev = False  # --max_st 3 is not --max_steps 3: a typo is refused (check_flags), never guessed
+    return parser
 
 
 def _known_fields() -> set[str]:
     return {f.name for cls in RECIPE_DATACLASSES for f in fields(cls)}
 
 
+def shipped_recipes() -> list[str]:
+    """The recipes in ./recipes, by name."""
+    return sorted(path.stem for path in Path("recipes").glob("*.yaml"))
+
+
 def load_recipe_yaml(path: str | Path) -> dict:
     """Read a recipe and reject unknown keys, naming the file, the key and the closest known key."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"Recipe {path} not found. The shipped recipes are in recipes/.")
+        close = difflib.get_close_matches(path.stem, shipped_recipes(), n=1)
+        hint = f" Did you mean recipes/{close[0]}.yaml?" if close else ""
+        raise UserError(f"Recipe {path} not found.{hint} The shipped recipes: {', '.join(shipped_recipes())}.")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
@@ -588,6 +597,24 @@ def load_recipe_yaml(path: str | Path) -> dict:
                 "Run `python -m docvlm.train --help` for the list of fields."
             )
     return data
+
+
+def check_flags(argv: list[str]) -> None:
+    """Refuse an unknown --flag as a recipe's unknown key is refused, naming the closest field (argparse would take
+    a prefix of a field for it, and HfArgumentParser reports the rest in its own words)."""
+    bools = {f.name for cls in RECIPE_DATACLASSES for f in fields(cls) if f.type in (bool, "bool")}
+    known = _known_fields() | {"config"} | {f"no_{name}" for name in bools}
+    for token in argv:
+        if not token.startswith("--"):
+            continue
+        name = token[2:].split("=", 1)[0].replace("-", "_")
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" Did you mean '--{close[0]}'?" if close else ""
+            raise UserError(
+                f"Unknown flag '--{name}' on the command line.{hint} Run `python -m docvlm.train --help` for the list "
+                "of fields."
+            )
 
 
 def recipe_argument(argv: list[str] | None = None) -> str:
@@ -631,6 +658,11 @@ def parse_recipe(argv: list[str] | None = None):
     from docvlm.recipe_help import exit_on_help
 
     exit_on_help(argv)  # ours, not HfArgumentParser's 840 lines
+    check_flags(argv)
+    if "--config" not in argv and not any(token.startswith("--model_name_or_path") for token in argv):
+        raise UserError(
+            f"No recipe: give one with --config recipes/<recipe>.yaml ({', '.join(shipped_recipes()) or 'recipes/'})."
+        )
     if "--config" in argv:
         index = argv.index("--config")
         if index + 1 >= len(argv):

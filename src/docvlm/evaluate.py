@@ -223,8 +223,13 @@ def write_report(out_dir: Path, items: list[dict], summary: dict, meta: dict) ->
             f"| {SYSTEM_TITLES.get(system, system)} | {scores['anls']:.3f} | {scores['exact_match']:.3f} | {stopped} |"
         )
     systems = summary["systems"]
-    if "before" in systems and "after" in systems:
-        lines += ["", f"ANLS gain: **{systems['after']['anls'] - systems['before']['anls']:+.3f}**"]
+    if "after" in systems and ({"before", "blind"} & set(systems)):
+        gains = [
+            f"**{systems['after']['anls'] - systems[other]['anls']:+.3f}** over {title}"
+            for other, title in (("before", "the base model"), ("blind", "the question-only guess"))
+            if other in systems
+        ]
+        lines += ["", f"ANLS gain: {'; '.join(gains)}."]
     grouped = [s for s in systems if "anls_by_group" in systems[s]]
     if grouped:
         groups = sorted(systems[grouped[0]]["anls_by_group"])

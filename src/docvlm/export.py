@@ -70,6 +70,7 @@ def merge(adapter: str, out: str, dtype: str = "auto", base: str = "dequantized"
 
     from docvlm.card import merged_card
     from docvlm.modeling import inference_dtype, load_model, load_processor, model_path, resolve_dtype
+    from docvlm.trainer import readable_weights
 
     if base not in MERGE_BASES:
         raise UserError(f"--base must be one of {', '.join(MERGE_BASES)}, got '{base}'.")
@@ -91,6 +92,7 @@ def merge(adapter: str, out: str, dtype: str = "auto", base: str = "dequantized"
     merged = PeftModel.from_pretrained(network, str(adapter_dir)).merge_and_unload()
     out_dir.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out_dir, safe_serialization=True)
+    readable_weights(out_dir)
     load_processor(model_args, str(adapter_dir)).save_pretrained(out_dir)
     shutil.copy(adapter_dir / RECIPE_FILE, out_dir / RECIPE_FILE)
     report = adapter_dir / "report.json"

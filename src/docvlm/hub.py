@@ -16,13 +16,34 @@ HUB_TIMEOUT_S = 10.0
 
 
 def looks_local(name: str) -> bool:
-    """A path rather than a Hub id: it exists, or it is written like a path (./x, /x, ~/x, x/y/z)."""
+    """A path rather than a Hub id: it exists, or it is written like a path (./x, /x, ~/x, x/y/z, a table file), or
+    its first part is a local folder (data/my_scan)."""
     return (
         Path(name).expanduser().exists()
         or name.startswith((".", "/", "~"))
         or name.count("/") > 1
-        or name.endswith((".parquet", ".jsonl", ".json", ".csv", ".arrow"))
+        or name.endswith((".parquet", ".jsonl", ".json", ".csv", ".tsv", ".arrow"))
+        or ("/" in name and Path(name.split("/")[0]).is_dir())
     )
+
+
+def near_path(name: str) -> str | None:
+    """An existing file or folder whose name is close to a missing path's (my_scan -> my_scans), or None."""
+    import difflib
+
+    path = Path(name).expanduser()
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        return None
+    siblings = [p.name for p in parent.iterdir()]
+    close = difflib.get_close_matches(path.name, siblings, n=1, cutoff=0.75)
+    return str(parent / close[0]) if close else None
+
+
+def missing_path_error(name: str, kind: str, recipe_key: str) -> UserError:
+    near = near_path(name)
+    hint = f" Did you mean '{near}'?" if near else ""
+    return UserError(f"The {kind} path '{name}' ({recipe_key}) does not exist.{hint}")
 
 
 def _is_cached(repo_id: str, repo_type: str, revision: str | None) -> bool:
@@ -63,8 +84,10 @@ def check_source(name: str, kind: str, recipe_key: str, revision: str | None = N
     repo_type = "model" if kind == "model" else "dataset"
     if looks_local(name):
         if not Path(name).expanduser().exists():
-            raise UserError(f"The {kind} path '{name}' ({recipe_key}) does not exist.")
+            raise missing_path_error(name, kind, recipe_key)
         return
+    if "/" not in name and near_path(name):  # a mistyped local folder, not a Hub id (those are owner/name)
+        raise missing_path_error(name, kind, recipe_key)
     if _is_cached(name, repo_type, revision):
         return
     how_to_fix = (

@@ -142,6 +142,25 @@ class Prediction:
     step_seconds: float | None
 
 
+def size_ratios(config, fitted_on: dict) -> dict[str, float]:
+    """How much each memory term of the calibration grows from the model it was fitted on to `config`'s, by the
+    dimensions that set it: the decoder's activations with its width and depth (a checkpointed decoder keeps each
+    layer's input; an unchecked one its attention and MLP activations too), the connector's a patch with the
+    widths its projection passes through (the perceiver's with the text width), and the step's workspace with its
+    largest layer (a dequantized 4-bit weight). 1.0 for every term on the model it was fitted on."""
+    text, vision = config.text_config, config.vision_config
+    hidden, inner, layers = text.hidden_size, text.intermediate_size, text.num_hidden_layers
+    ref = fitted_on
+    return {
+        "checkpointed_decoder": hidden * layers / (ref["text_hidden"] * ref["text_layers"]),
+        "decoder": (hidden + inner) * layers / ((ref["text_hidden"] + ref["text_intermediate"]) * ref["text_layers"]),
+        "connector": (vision.hidden_size + inner + hidden)
+        / (ref["vision_hidden"] + ref["text_intermediate"] + ref["text_hidden"]),
+        "perceiver": hidden / ref["text_hidden"],
+        "workspace": hidden * inner / (ref["text_hidden"] * ref["text_intermediate"]),
+    }
+
+
 def perceiver_unmodelled(training_args, stats: SampleStats) -> bool:
     """Whether the recipe recomputes the perceiver in its own chunks (which the recipe allows with connector
     checkpointing only) for rows of several images: the memory model's perceiver term is fitted on one page a row."""
@@ -162,17 +181,20 @@ def predict(
     tokens = [i + p + a for i, p, a in zip(stats.image_tokens, stats.prompt_tokens, stats.answer_tokens, strict=True)]
     p95_tokens = _p95(tokens)
     calibrated = family.plan_calibration
-    connector = calibrated["connector_bytes_per_patch"] * chunk * stats.largest_page_patches
-    connector += calibrated["perceiver_bytes_per_patch"] * (perceiver - chunk) * stats.largest_page_patches
+    size = size_ratios(config, calibrated["fitted_on"])
+    connector = calibrated["connector_bytes_per_patch"] * size["connector"] * chunk * stats.largest_page_patches
+    perceiver_bytes = calibrated["perceiver_bytes_per_patch"] * size["perceiver"]
+    connector += perceiver_bytes * (perceiver - chunk) * stats.largest_page_patches
     if training_args.connector_in_compute_dtype and training_args.precision != "fp32":
         connector *= calibrated["connector_in_compute_dtype_share"]
     if training_args.gradient_checkpointing:
-        activations = connector + calibrated["decoder_bytes_per_token"] * batch * p95_tokens
+        decoder = calibrated["decoder_bytes_per_token"] * size["checkpointed_decoder"] * batch * p95_tokens
+        activations = connector + decoder
     else:
-        decoder = calibrated["unchecked_decoder_bytes_per_token"] * batch * p95_tokens
+        decoder = calibrated["unchecked_decoder_bytes_per_token"] * size["decoder"] * batch * p95_tokens
         # a recomputed connector peaks after the decoder's backward pass has freed the decoder's activations
         activations = max(connector, decoder) if training_args.connector_checkpointing else connector + decoder
-    activations += calibrated["step_workspace_bytes"]
+    activations += calibrated["step_workspace_bytes"] * size["workspace"]
     # loss_logits auto means all on a GPU, which is what plan predicts for
     logit_rows = p95_tokens if training_args.loss_logits != "answer" else _p95(stats.answer_tokens)
     vocab = config.text_config.vocab_size

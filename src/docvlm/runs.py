@@ -5,6 +5,7 @@ run, and a stop asked by the machine (SIGTERM, SIGINT) that leaves a resumable c
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import signal
 import sys
@@ -84,6 +85,21 @@ def resolve_checkpoint(value: str | None, output_dir: str) -> str | None:
     return value
 
 
+def finished_at(checkpoint: str | None, training_args) -> int | None:
+    """The step at which a checkpoint to resume from ended its run, when nothing is left to train (its step is
+    its run's last, and the recipe asks for no more steps or epochs), else None. Resuming it would train an extra
+    step when max_steps is not a multiple of the steps an epoch, and overwrite the run's results."""
+    if checkpoint is None:
+        return None
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    step, last = state.get("global_step", 0), state.get("max_steps", 0)
+    if not last or step < last:
+        return None
+    if training_args.max_steps > 0:
+        return step if training_args.max_steps <= step else None
+    return step if math.ceil(training_args.num_train_epochs) <= state.get("num_train_epochs", 0) else None
+
+
 def check_output_dir(output_dir: str, resuming: bool, overwrite: bool, current: dict) -> None:
     """Refuse to mix runs in one folder: a folder holding another run is resumed (same run only), started over
     (overwrite_output_dir, docvlm run folders only) or refused. `current`: this run's resolved fields."""
@@ -138,14 +154,28 @@ def _plain(value):
     return json.loads(json.dumps(value, default=str))
 
 
+class StopNow(KeyboardInterrupt):
+    """A second stop request, after the first was noted: stop at once, without the stop checkpoint."""
+
+
 class StopRequests:
     """SIGTERM and SIGINT (a preempted or shut-down machine, Ctrl-C) ask training to stop after the current step
-    with a checkpoint, instead of killing it between checkpoints. A second signal stops at once."""
+    with a checkpoint, instead of killing it between checkpoints.
+
+    One request often arrives as two signals: a terminal's Ctrl-C reaches every process of the group, so the
+    training process gets it from the terminal and again from its launcher, which forwards it. Signals within
+    SAME_REQUEST_S of the first are that one request. A later one stops at once (StopNow), leaving the last
+    complete checkpoint."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SAME_REQUEST_S = 1.0
 
-    def __init__(self):
+    def __init__(self, clock=None):
+        import time
+
         self.received: int | None = None
+        self.first_at: float | None = None
+        self._clock = clock or time.monotonic
         self._previous = {}
 
     def __enter__(self):
@@ -158,14 +188,20 @@ class StopRequests:
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            # once stopping, the process only says where its checkpoint is and exits: a late signal is ignored,
+            # never a KeyboardInterrupt in the middle of that
+            signal.signal(sig, signal.SIG_IGN if self.received is not None else handler)
 
     def _note(self, signum, frame):
-        if self.received is not None:  # asked twice: stop now
-            raise KeyboardInterrupt
-        self.received = signum
+        now = self._clock()
+        if self.received is not None:
+            if now - self.first_at < self.SAME_REQUEST_S:
+                return  # the same request, delivered twice
+            raise StopNow(signum)
+        self.received, self.first_at = signum, now
         print(
-            f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step, then stopping.",
+            f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step, then stopping "
+            "(a second signal stops at once, without it).",
             file=sys.stderr,
             flush=True,
         )
@@ -185,6 +221,46 @@ class StopRequests:
                 return control
 
         return SaveAndStopOnSignal()
+
+
+def disk_full(error: BaseException, folder: Path | None = None) -> bool:
+    """Whether an error means a full disk, whichever library was writing: an OSError ENOSPC, safetensors' "No space
+    left on device (os error 28)", or torch's zip writer failing ("unexpected pos") with no space left in `folder`."""
+    import errno
+
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return True
+    text = str(error)
+    if "No space left on device" in text or "os error 28" in text:
+        return True
+    if folder is not None and ("unexpected pos" in text or "PytorchStreamWriter failed" in text):
+        try:
+            return shutil.disk_usage(folder).free < 64 * 2**20
+        except OSError:
+            return False
+    return False
+
+
+class DiskFull(OSError):
+    """A save that the disk could not hold; `removed`: the checkpoint folder it had begun, now removed."""
+
+    def __init__(self, folder: Path, removed: str | None = None):
+        import errno
+
+        super().__init__(errno.ENOSPC, "No space left on device", str(folder))
+        self.removed = removed
+
+
+def drop_incomplete_checkpoints(output_dir: Path) -> tuple[list[str], str | None]:
+    """After a hard stop: remove the checkpoint folders newer than the last complete one (a save cut off), and
+    return their names and the last complete checkpoint's."""
+    dropped = []
+    for checkpoint in checkpoints(output_dir):
+        if incomplete_because(checkpoint) is None:
+            return dropped, checkpoint.name
+        shutil.rmtree(checkpoint, ignore_errors=True)
+        dropped.append(checkpoint.name)
+    return dropped, None
 
 
 def _any_process(flag: bool, args) -> bool:

@@ -3,83 +3,32 @@ recipe's `on_bad_example` says) before the model loads, instead of killing a lon
 
 Each row's pages are decoded and converted, its question and answers read, and its length in tokens (image tokens
 included) taken with the training collator itself, so a row that passes here builds a batch. The check runs in
-parallel threads with a progress bar, and its result is cached by the dataset's fingerprint and every setting
-it depends on, so a rerun does not pay it again.
+parallel threads with a progress bar, and its result is cached by the dataset's fingerprint, the size and time of
+every page file and every setting it depends on, so a rerun does not pay it again, and a changed file is checked
+anew.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import sys
-import warnings
 from pathlib import Path
 
 from docvlm.collator import as_answers
 from docvlm.errors import UserError
+from docvlm.pages import IMAGE_MISSING, IMAGE_UNREADABLE, PageProblem, open_page, undecoded_pages
 
 SCREEN_VERSION = "2"  # part of the cache key: bump when a check changes
-MIN_SIDE = 8  # pixels: smaller is not a page (a 1x1 placeholder, a broken thumbnail)
-MAX_ASPECT = 30  # a page 30x longer than wide is a strip or a broken scan, and resizes to nothing readable
 SHOWN = 5  # problems printed in full; all are counted, and data_report.json lists them all
 
 
-# Why a row is skipped: the reasons data_report.json groups skipped rows by.
+# Why a row is skipped, beside the page's own reasons (docvlm.pages): data_report.json groups skipped rows by them.
 NO_QUESTION = "no question"
 NO_ANSWER = "no answer"
-IMAGE_MISSING = "image missing"
-IMAGE_UNREADABLE = "image unreadable"
-IMAGE_TOO_LARGE = "image too large to decode"
-IMAGE_SHAPE = "image too small or too narrow"
 TOO_LONG = "longer than max_length"
 BAD_PROMPT = "question cannot be prompted"
-
-
-class PageProblem(ValueError):
-    """A page that cannot be used: `reason` (one of the constants above) and what exactly is wrong."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason = reason
-
-
-def open_page(stored, where: str):
-    """A page from a datasets image cell ({bytes, path}) or a PIL image, decoded in full and converted to RGB;
-    raises PageProblem saying what is wrong with it."""
-    from PIL import Image
-
-    from docvlm.collator import to_rgb
-
-    if isinstance(stored, Image.Image):
-        image = stored
-    else:
-        if not isinstance(stored, dict) or (stored.get("bytes") is None and not stored.get("path")):
-            raise PageProblem(IMAGE_MISSING, "no image")
-        source = io.BytesIO(stored["bytes"]) if stored.get("bytes") is not None else stored["path"]
-        if isinstance(source, str):
-            if not os.path.isfile(source):
-                raise PageProblem(IMAGE_MISSING, f"image file '{source}' not found")
-            if os.path.getsize(source) == 0:
-                raise PageProblem(IMAGE_MISSING, f"image file '{source}' is empty (0 bytes)")
-        try:
-            with warnings.catch_warnings():
-                # Pillow warns above MAX_IMAGE_PIXELS and raises at twice that: both are decompression bombs here
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image = Image.open(source)
-                image.load()  # a truncated file fails here, not at open
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-            raise PageProblem(IMAGE_TOO_LARGE, f"image too large to decode safely ({error})") from None
-        except (OSError, SyntaxError, ValueError) as error:
-            detail = f"image cannot be decoded ({type(error).__name__}: {error})"
-            raise PageProblem(IMAGE_UNREADABLE, detail) from None
-    width, height = image.size
-    if min(width, height) < MIN_SIDE:
-        raise PageProblem(IMAGE_SHAPE, f"image is {width}x{height} pixels, below {MIN_SIDE} on a side")
-    if max(width, height) > MAX_ASPECT * min(width, height):
-        raise PageProblem(IMAGE_SHAPE, f"image is {width}x{height} pixels, more than {MAX_ASPECT}:1")
-    return to_rgb(image, where)
 
 
 def row_problem(row: dict, collator, columns: dict[str, str]) -> tuple[str, str, str] | None:
@@ -123,18 +72,6 @@ def _check_batch(batch, collator, columns):
     }
 
 
-def _undecoded(rows):
-    """The rows with their pages left as stored bytes/paths, so that one bad page fails its row, not its batch."""
-    from datasets import Image, LargeList, List
-
-    feature = rows.features["image"]
-    if isinstance(feature, Image):
-        return rows.cast_column("image", Image(decode=False))
-    if isinstance(feature, List | LargeList) and isinstance(feature.feature, Image):
-        return rows.cast_column("image", List(Image(decode=False)))
-    return rows
-
-
 def _cache_file(rows, collator, columns) -> Path | None:
     from docvlm.tiny import cache_root
 
@@ -145,6 +82,7 @@ def _cache_file(rows, collator, columns) -> Path | None:
     settings = {
         "version": SCREEN_VERSION,
         "rows": fingerprint,
+        "page_files": page_files_digest(rows),
         "count": len(rows),
         "max_length": collator.max_length,
         "prompt": repr(collator.prompt),
@@ -155,6 +93,29 @@ def _cache_file(rows, collator, columns) -> Path | None:
     }
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
     return cache_root() / "screened" / f"{key}.json"
+
+
+def page_files_digest(rows) -> str:
+    """A digest of the path, size and modification time of every page stored as a file: a page changed on disk
+    after a check (truncated, replaced) makes the check run again. Pages stored as bytes are covered by the
+    dataset's fingerprint. Read from Arrow without touching any page's bytes."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    digest = hashlib.sha256()
+    for chunk in rows.data.column("image").chunks:
+        while pa.types.is_list(chunk.type) or pa.types.is_large_list(chunk.type):
+            chunk = chunk.flatten()
+        if not pa.types.is_struct(chunk.type) or chunk.type.get_field_index("path") < 0:
+            continue
+        stored_as_files = pc.is_null(pc.struct_field(chunk, "bytes"))
+        for path in pc.filter(pc.struct_field(chunk, "path"), stored_as_files).to_pylist():
+            try:
+                stat = os.stat(path)
+                digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            except (OSError, TypeError):
+                digest.update(f"{path}\0missing\n".encode())
+    return digest.hexdigest()
 
 
 def _cached(cache: Path | None, split: str, say: bool) -> list[dict] | None:
@@ -184,7 +145,7 @@ def _check_all(rows, collator, columns, split: str) -> list[dict]:
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    undecoded = _undecoded(rows)
+    undecoded = undecoded_pages(rows)
     workers = min(os.cpu_count() or 1, 8) if len(rows) >= 512 else 1
     local = threading.local()
 

@@ -7,8 +7,8 @@
 
 from __future__ import annotations
 
-import errno
 import json
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -90,7 +90,8 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
         model_path,
         training_dtype,
     )
-    from docvlm.runs import StopRequests, check_output_dir, resolve_checkpoint
+    from docvlm.pages import undecoded_pages
+    from docvlm.runs import StopNow, StopRequests, check_output_dir, finished_at, resolve_checkpoint
     from docvlm.runtime import disable_cudnn_attention, freeze_garbage_after_first_step, use_expandable_segments
     from docvlm.trainer import DocVLMTrainer
     from docvlm.vision_tower import offload_tower_while_cached
@@ -104,12 +105,23 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
     check_one_gpu_per_process()
     check_recipe_sources(model_args, data_args)
     check_push(training_args)
+    training_args.do_train = True  # recipe.yaml records the run as it is: transformers' flag is never read here
+    if training_args.device.type != "cuda":
+        training_args.cudnn_attention = False  # no cuDNN off a GPU: recipe.yaml says what was in effect
     if training_args.vision_tower_offload and training_args.device.type != "cuda":
         training_args.vision_tower_offload = False  # the 8B recipes' switch, on a GPU-less test or laptop run
         mode_changes.append(f"vision_tower_offload: false (on the {training_args.device.type} it has nothing to move)")
     checkpoint = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)  # before loading
     current = {**asdict(data_args), **asdict(model_args), **asdict(training_args)}
     check_output_dir(training_args.output_dir, checkpoint is not None, training_args.overwrite_output_dir, current)
+    finished = finished_at(checkpoint, training_args)
+    if finished is not None:
+        print(
+            f"{checkpoint} is the last step of its run ({finished}): nothing is left to train, and nothing was "
+            "changed. To train longer, raise max_steps or num_train_epochs; to start over, "
+            "--overwrite_output_dir true."
+        )
+        return None, {}
     path = model_path(model_args)
     family = family_at(path, model_args.model_revision, training_args.trust_remote_code)
     refuse_what_does_not_apply(family, model_args, training_args)
@@ -125,6 +137,7 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
     output_dir = Path(training_args.output_dir)
     if PartialState().is_main_process:
         data_report.write(output_dir)  # before the model loads: every run says what became of every row
+    train_dataset = undecoded_pages(train_dataset)  # decoded by the collator: a page that breaks later is skipped
     if training_args.cuda_expandable_segments:
         use_expandable_segments()  # before the model takes its memory
     if not training_args.cudnn_attention:
@@ -184,7 +197,10 @@ def run(argv: list[str] | None = None, callbacks: list | None = None):
     stops = StopRequests()
     trainer.add_callback(stops.callback())
     with stops:
-        result = trainer.train(resume_from_checkpoint=checkpoint)
+        try:
+            result = trainer.train(resume_from_checkpoint=checkpoint)
+        except StopNow as stop:
+            raise Stopped(stop.args[0], trainer.state.global_step, output_dir, at_once=True) from None
     if stops.received is not None:
         # a preempted machine: the checkpoint just written is the result; no final adapter, no evaluation
         raise Stopped(stops.received, trainer.state.global_step, output_dir)
@@ -302,16 +318,17 @@ def adapter_step(trainer) -> dict:
 def where_things_are(output_dir: Path, report_to, page_hint: bool = False) -> str:
     """The last lines of a run: what was written where, and what to run next."""
     lines = [f"Done. Everything is in {output_dir}/:"]
-    rows = [
-        ("adapter", "adapter_model.safetensors", "adapter_model.safetensors, adapter_config.json"),
-        ("report", "report.md", "report.md, report.json, predictions.jsonl, loss.png"),
-        ("model card", "README.md", "README.md"),
-        ("recipe", "recipe.yaml", "recipe.yaml (as resolved for this run)"),
-        ("data", "data_report.json", "data_report.json (rows read, questions made, skipped, held out)"),
+    rows = [  # each file listed only where the run wrote it
+        ("adapter", ["adapter_model.safetensors", "adapter_config.json"], ""),
+        ("report", ["report.md", "report.json", "predictions.jsonl", "loss.png"], ""),
+        ("model card", ["README.md"], ""),
+        ("recipe", ["recipe.yaml"], " (as resolved for this run)"),
+        ("data", ["data_report.json"], " (rows read, questions made, skipped, held out)"),
     ]
-    for title, probe, text in rows:
-        if (output_dir / probe).is_file():
-            lines.append(f"  {title:<12} {text}")
+    for title, names, note in rows:
+        present = [name for name in names if (output_dir / name).is_file()]
+        if present:
+            lines.append(f"  {title:<12} {', '.join(present)}{note}")
     if "tensorboard" in (report_to or []) and (output_dir / "runs").is_dir():
         lines.append(f"  {'TensorBoard':<12} tensorboard --logdir {output_dir / 'runs'}")
     if (output_dir / "adapter_config.json").is_file():
@@ -331,11 +348,33 @@ def worker_free(message: str) -> str:
 
 
 class Stopped(Exception):
-    """Training stopped on a signal after saving a checkpoint; the process exits with 128 + the signal's number."""
+    """Training stopped on a signal, after saving a checkpoint (or at once, on a second signal: `at_once`); the
+    process exits with 128 + the signal's number."""
 
-    def __init__(self, signum: int, step: int, output_dir: Path):
+    def __init__(self, signum: int, step: int, output_dir: Path, at_once: bool = False):
         super().__init__(f"stopped at step {step} on signal {signum}")
-        self.signum, self.step, self.output_dir = signum, step, output_dir
+        self.signum, self.step, self.output_dir, self.at_once = signum, step, output_dir, at_once
+
+    def message(self) -> str:
+        resume = "Run the same command with --resume_from_checkpoint latest to go on."
+        if not self.at_once:
+            return (
+                f"stopped by a signal at step {self.step}; checkpoint-{self.step} in {self.output_dir} holds the "
+                f"adapter and the optimizer state. {resume}"
+            )
+        from docvlm.runs import drop_incomplete_checkpoints
+
+        dropped, last = drop_incomplete_checkpoints(self.output_dir) if is_main_rank() else ([], None)
+        cut = f" ({', '.join(dropped)}, cut off, was removed)" if dropped else ""
+        kept = (
+            f"the last complete checkpoint is {last} in {self.output_dir}{cut}" if last else "no checkpoint was saved"
+        )
+        return f"stopped at once by a second signal at step {self.step}, without a stop checkpoint: {kept}. {resume}"
+
+
+def is_main_rank() -> bool:
+    """The launch's first process (or the only one), from the launcher's environment: errors are said once."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def release_process_group() -> None:
@@ -359,25 +398,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(argv)
     except UserError as err:
-        print(f"docvlm: error: {worker_free(str(err))}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        if err.errno != errno.ENOSPC:
-            raise
-        print(
-            f"docvlm: error: the disk is full ({err.filename or err}). Free some space: the checkpoints saved before "
-            "are intact, and the same command with --resume_from_checkpoint latest resumes from the last complete "
-            "one (a checkpoint cut off by this error is passed over).",
-            file=sys.stderr,
-        )
+        if is_main_rank():  # every process meets the same error in the recipe or the data: say it once
+            print(f"docvlm: error: {worker_free(str(err))}", file=sys.stderr)
         return 2
     except Stopped as stop:
+        print(f"docvlm: {stop.message()}", file=sys.stderr)
+        return 128 + stop.signum
+    except Exception as err:
+        from docvlm.runs import DiskFull, disk_full
+
+        if not disk_full(err):
+            raise
+        removed = f" {err.removed}, cut off by it, was removed;" if isinstance(err, DiskFull) and err.removed else ""
         print(
-            f"docvlm: stopped by a signal at step {stop.step}; checkpoint-{stop.step} in {stop.output_dir} holds the "
-            "adapter and the optimizer state. Run the same command with --resume_from_checkpoint latest to go on.",
+            f"docvlm: error: the disk is full ({getattr(err, 'filename', None) or err}).{removed} Free some space: "
+            "the checkpoints saved before are intact, and the same command with --resume_from_checkpoint latest "
+            "resumes from the last complete one.",
             file=sys.stderr,
         )
-        return 128 + stop.signum
+        return 2
     finally:
         release_process_group()  # whether training ended, failed or was stopped
     return 0

@@ -41,6 +41,17 @@ def answer_span_loss(logits: torch.Tensor, labels: torch.Tensor, num_items: int 
     return loss, count, entropy_sum, correct
 
 
+def readable_weights(folder: Path) -> None:
+    """Give the *.safetensors files in `folder` the mode the user's umask gives new files (0644 for the usual 022):
+    safetensors writes them 0600, unlike the processor, the card and the reports beside them."""
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in Path(folder).glob("*.safetensors"):
+        path.chmod(0o666 & ~mask)
+
+
 class DocVLMTrainer(SFTTrainer):
     """SFTTrainer with one change, `loss_logits: answer`: compute logits only from the first answer token on.
 
@@ -80,11 +91,28 @@ class DocVLMTrainer(SFTTrainer):
             Path(self.args.output_dir).mkdir(parents=True, exist_ok=True)
             (Path(self.args.output_dir) / "README.md").write_text(self._model_card())
 
+    def save_model(self, output_dir=None, _internal_call=False):
+        """The weights, readable like every other file the run writes (safetensors writes them 0600)."""
+        super().save_model(output_dir, _internal_call=_internal_call)
+        if self.is_world_process_zero():
+            readable_weights(Path(output_dir or self.args.output_dir))
+
     def _save_checkpoint(self, model, trial):
-        """peft writes its blank template card into every checkpoint folder; put the run's card there instead."""
-        super()._save_checkpoint(model, trial)
-        card = Path(self.args.output_dir) / "README.md"
+        """A checkpoint the disk cannot hold is removed (a half-written folder is never left for a resume to
+        meet) and raised as DiskFull; peft writes its blank template card into every checkpoint folder, replaced
+        with the run's card."""
+        from docvlm.runs import DiskFull, disk_full
+
         checkpoint = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        try:
+            super()._save_checkpoint(model, trial)
+        except Exception as error:
+            if not disk_full(error, Path(self.args.output_dir)):
+                raise
+            if self.is_world_process_zero():
+                shutil.rmtree(checkpoint, ignore_errors=True)
+            raise DiskFull(checkpoint, removed=checkpoint.name) from None
+        card = Path(self.args.output_dir) / "README.md"
         if self._model_card is not None and self.is_world_process_zero() and card.is_file() and checkpoint.is_dir():
             shutil.copy(card, checkpoint / "README.md")
 

@@ -388,8 +388,16 @@ class PageBatches:
 
     def __call__(self, rows: list[dict]) -> dict:
         from docvlm.collator import pages_of
+        from docvlm.pages import PageProblem
 
-        images = [pages_of(row, f"training row {row.get('row', '?')}") for row in rows]
+        images = []
+        for row in rows:
+            try:
+                images.append(pages_of(row, f"training row {row.get('row', '?')}"))
+            except PageProblem:  # a page that no longer reads: training's collator skips its row, and says so
+                continue
+        if not images:
+            return {}
         batch = self.image_processor(images=images, return_tensors="pt")
         batch = {key: batch[key] for key in ("pixel_values", "pixel_attention_mask") if key in batch}
         batch.update(PageKeys(self.patch_size)(batch))  # the digests, as training's collator makes them
@@ -426,6 +434,8 @@ def fill_feature_cache(model, cache: FeatureCache, rows, image_processor, batch_
         ):
             asked = started  # when the loop last asked the loader for a batch
             for batch in loader:
+                if not batch:  # no page of these rows could be read
+                    continue
                 if cache.fill_startup_seconds is None:
                     cache.fill_startup_seconds = time.perf_counter() - started
                 else:

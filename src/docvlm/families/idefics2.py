@@ -294,6 +294,10 @@ GIB = 2**30
 # to the weights and optimizer state at its peak: the connector's for its largest chunk of pages (padded to the
 # batch's largest page), the checkpointed decoder's, and the batch's pages and features.
 PLAN_CALIBRATION = {
+    # the model the terms below were fitted on, Idefics2-8B: each term is scaled from it by the dimensions that set
+    # it (docvlm.plan.size_ratios), so that other sizes of the architecture (the embedded default's tiny model) are
+    # planned too
+    "fitted_on": {"text_hidden": 4096, "text_intermediate": 14336, "text_layers": 32, "vision_hidden": 1152},
     "connector_bytes_per_patch": 1.235 * GIB / 3780,  # a page of 70 x 54 patches: 1.235 GiB
     # the perceiver run more pages at a time than the projection (connector_perceiver_pages), one layer recomputed
     # at a time: each page more in its chunk, ~0.2 GiB reserved, fitted on runs AX and AY (4, 8 and 16 pages; the
