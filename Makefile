@@ -25,7 +25,7 @@ ifndef HAS_GPU
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1073741824
 endif
 
-.PHONY: install check-recipe train eval plan bench bench-multi bench-cpu test lint format clean
+.PHONY: install check-recipe train eval plan bench bench-multi bench-cpu test test-quick test-slow lint format clean
 
 install: $(VENV)/.installed
 
@@ -59,29 +59,38 @@ plan: check-recipe install
 
 # GPU: the notebook's setup against our recipes on Idefics2-8B's architecture (docs/benchmarks.md).
 bench: install
-	$(BIN)/python -m docvlm.bench $(ARGS)
+	$(BIN)/python -m benchmarks.bench $(ARGS)
 
 # GPUs: docvqa_qlora on one GPU, then on NUM_GPUS (default 2) under DDP, DeepSpeed ZeRO-2 and ZeRO-3, with the same
 # per-device batch; ZeRO-3's saved adapter is reloaded on one GPU and compared (docs/distributed.md).
 # 400 pages: no epoch ends (and no dataloader restarts) inside the timed steps of 2 x 16 pages each.
 bench-multi: install
-	$(BIN)/python -m docvlm.bench --pages 400 --check-reload --setups docvqa_qlora \
+	$(BIN)/python -m benchmarks.bench --pages 400 --check-reload --setups docvqa_qlora \
 		$(foreach config,multi_gpu deepspeed_zero2 deepspeed_zero3,"$(config)x$(or $(NUM_GPUS),2):docvqa_qlora") $(ARGS)
 
 # CPU: the embedded default alone and beside one busy process, under each OpenMP wait policy (docs/cpu_threads.md).
 bench-cpu: install
-	$(BIN)/python -m docvlm.bench_cpu $(ARGS)
+	$(BIN)/python -m benchmarks.bench_cpu $(ARGS)
 
+# The CPU test suite but its end-to-end runs (under 8 minutes on 2 cores); test-quick: the unit tests alone, for the
+# loop between edits (under 2 minutes); test-slow: the end-to-end runs (the README's commands, two-process launches,
+# killed and resumed runs). CI runs test and test-slow.
 test: install
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+
+test-quick: install
+	$(BIN)/python -m pytest -m "not slow and not integration" $(ARGS)
+
+test-slow: install
+	$(BIN)/python -m pytest -m slow $(ARGS)
 
 lint: install
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 
 format: install
-	$(BIN)/ruff check --fix src tests
-	$(BIN)/ruff format src tests
+	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests benchmarks
 
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache

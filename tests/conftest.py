@@ -30,23 +30,23 @@ def checkout_outputs_untouched():
 
 @pytest.fixture(scope="session")
 def processor():
-    from docvlm import tiny
+    from docvlm.fixtures.models import build_processor
 
-    return tiny.build_processor()
+    return build_processor()
 
 
 @pytest.fixture(scope="session")
 def tiny_model_path():
-    from docvlm import tiny
+    from docvlm.fixtures import TINY_MODEL, resolve
 
-    return tiny.resolve(tiny.TINY_MODEL)
+    return resolve(TINY_MODEL)
 
 
 @pytest.fixture(scope="session")
 def tiny_dataset_path():
-    from docvlm import tiny
+    from docvlm.fixtures import TINY_DATASET, resolve
 
-    return tiny.resolve(tiny.TINY_DATASET)
+    return resolve(TINY_DATASET)
 
 
 @pytest.fixture(scope="session")

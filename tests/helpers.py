@@ -40,10 +40,10 @@ def peft_tiny_model_and_batch(size=4, recipe="recipes/tiny_docvqa.yaml", *overri
     import torch
     from peft import get_peft_model
 
-    from docvlm.collator import DocVQACollator
-    from docvlm.config import parse_recipe
     from docvlm.data import load_splits
-    from docvlm.modeling import keep_trainable_fp32, load_model, load_processor, lora_config, model_path
+    from docvlm.recipe.parse import parse_recipe
+    from docvlm.training.collator import DocVQACollator
+    from docvlm.training.modeling import keep_trainable_fp32, load_model, load_processor, lora_config, model_path
 
     data_args, model_args, _, _ = parse_recipe(["--config", recipe, *overrides])
     path = model_path(model_args)

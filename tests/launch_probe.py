@@ -1,4 +1,4 @@
-"""Launched by tests/test_distributed.py under a multi-process accelerate config: train the tiny recipe, then
+"""Launched by tests/training/test_launch.py under a multi-process accelerate config: train the tiny recipe, then
 compare the trained model's logits (sharded under ZeRO-3 / FSDP) with those of the adapter it saved, reloaded
 whole, and with the base model (the control); the main process writes {"reload_max_logit_diff": ...,
 "reload_base_max_logit_diff": ...} to the JSON file named first.
@@ -9,8 +9,8 @@ whole, and with the base model (the control); the main process writes {"reload_m
 import json
 import sys
 
+from benchmarks.bench import reload_logit_difference
 from docvlm import train
-from docvlm.bench import reload_logit_difference
 
 
 def main() -> None:

@@ -69,8 +69,8 @@ def test_cpu_launch_names_its_thread_count_so_accelerate_does_not_warn(tmp_path)
 def test_export_pages_writes_held_out_pages_and_their_questions(tmp_path, capsys):
     from PIL import Image
 
-    from docvlm.config import DataArguments
     from docvlm.data import load_splits
+    from docvlm.recipe.schema import DataArguments
 
     assert main(["fixtures", "--export-pages", str(tmp_path / "pages"), "--count", "3"]) == 0
     assert "3 held-out pages" in capsys.readouterr().out

@@ -27,7 +27,7 @@ def test_batch_shapes_match_the_patches_idefics2_attends_to(tiny_model_path):
     """The patch count agrees with the patch mask Idefics2 itself builds from the pixel mask."""
     from transformers import AutoProcessor
 
-    from tests.test_vision_cache import mixed_batch
+    from tests.speedups.test_feature_cache import mixed_batch
 
     batch = mixed_batch(AutoProcessor.from_pretrained(tiny_model_path))
     mask = batch["pixel_attention_mask"].flatten(0, 1)

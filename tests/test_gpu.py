@@ -67,10 +67,10 @@ def test_recipe_switches_cudnn_attention_off(gpu_run):
 
 
 def test_collator_batches_run_on_cuda(gpu_run):
-    from docvlm.collator import DocVQACollator
-    from docvlm.config import parse_recipe
     from docvlm.data import load_splits
-    from docvlm.modeling import autocast_for
+    from docvlm.recipe.parse import parse_recipe
+    from docvlm.training.collator import DocVQACollator
+    from docvlm.training.precision import autocast_for
 
     out, trainer, _ = gpu_run
     data_args, _, training_args, _ = parse_recipe(quick(out))
@@ -102,11 +102,11 @@ def test_merge_on_cuda_keeps_the_adapters_change_to_the_logits(gpu_run, tmp_path
     by little, so half-precision rounding of W + BA flips near-ties between answers whether or not the merge is
     right. A merge that lost or doubled the update would be as far from the adapter as the base model is."""
     from docvlm.cli import main as cli
-    from docvlm.collator import DocVQACollator
-    from docvlm.config import parse_recipe
     from docvlm.data import load_splits
-    from docvlm.export import load_for_inference
-    from docvlm.modeling import autocast_for
+    from docvlm.inference import load_for_inference
+    from docvlm.recipe.parse import parse_recipe
+    from docvlm.training.collator import DocVQACollator
+    from docvlm.training.precision import autocast_for
 
     out, _, _ = gpu_run
     assert cli(["merge", "--adapter", str(out), "--out", str(tmp_path / "merged")]) == 0
@@ -161,8 +161,8 @@ def test_an_offloaded_vision_tower_trains_the_same_and_is_back_for_the_evaluatio
     never saw) finds the tower back on the GPU."""
     from transformers import TrainerCallback
 
+    from docvlm.speedups.model_parts import vision_tower
     from docvlm.train import run
-    from docvlm.vision_tower import vision_tower
 
     where = []
 
@@ -188,7 +188,7 @@ def test_fused_rms_norm_runs_one_kernel_each_way_on_cuda_and_matches_the_cpu_mat
     from torch.profiler import ProfilerActivity, profile
     from transformers.models.mistral.modeling_mistral import MistralRMSNorm
 
-    from docvlm.families.idefics2 import _fused_rms_norm
+    from docvlm.families.idefics2.connector import _fused_rms_norm
 
     torch.manual_seed(0)
     norm = MistralRMSNorm(4096, eps=1e-5).to("cuda", torch.bfloat16)
@@ -223,8 +223,9 @@ def test_a_disk_cache_filled_on_cuda_stores_what_copying_page_by_page_stores(tmp
     features bit for bit."""
     from safetensors.torch import load_file
 
-    from docvlm.vision_cache import FeatureCache, fill_feature_cache, tower_identity
-    from tests.test_vision_cache import SIZES, load_tiny_model_and_processor, noisy_page, patched
+    from docvlm.speedups.feature_cache import fill_feature_cache
+    from docvlm.speedups.feature_store import FeatureCache, tower_identity
+    from tests.speedups.test_feature_cache import SIZES, load_tiny_model_and_processor, noisy_page, patched
 
     model, processor = load_tiny_model_and_processor()
     model.to("cuda")

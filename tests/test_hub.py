@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from docvlm.config import UserError
+from docvlm.errors import UserError
 from docvlm.hub import check_source, looks_local
 
 
@@ -37,6 +37,7 @@ def test_offline_mode_without_cache(monkeypatch, tmp_path):
         check_source("nielsr/docvqa_1200_examples", "dataset", "dataset_name")
 
 
+@pytest.mark.integration
 def test_train_on_hub_recipe_fails_fast_without_a_traceback(tmp_path):
     """What `make train RECIPE=docvqa_qlora` runs, with the Hub unreachable."""
     # Point the Hub at a closed local port: unreachable for sure, whatever the machine's network.

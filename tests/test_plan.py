@@ -37,19 +37,21 @@ HELD_OUT_GIB = [
     ("docvqa_qlora_lowmem", ["--per_device_train_batch_size", "4"], 5.95),
     ("docvqa_qlora", ["--connector_checkpoint_pages", "2", "--connector_perceiver_pages", "2"], 7.07),
 ]
-# The embedded default on the same H100 (`python -m docvlm.bench --model tiny` on docvlm:tiny-docs): the
-# calibration is fitted on the 8B alone and scaled to the tiny model by its dimensions (docvlm.plan.size_ratios).
+# The embedded default on the same H100 (`python -m benchmarks.bench --model tiny` on docvlm:tiny-docs): the
+# calibration is fitted on the 8B alone and scaled to the tiny model by its dimensions
+# (docvlm.families.idefics2.memory.size_ratios).
 TINY_MEASURED_GIB = [([], 0.19), (["--gradient_checkpointing", "true"], 0.18)]
 
 
 @pytest.fixture(scope="module")
 def idefics2_8b_folder(tmp_path_factory):
     """Idefics2-8B's config and processor, no weights: all that plan reads."""
-    from docvlm import bench, tiny
+    from docvlm.families.idefics2 import IDEFICS2_8B
+    from docvlm.fixtures.models import build_processor, idefics2_config
 
     folder = tmp_path_factory.mktemp("idefics2-8b-config")
-    tiny.idefics2_config(bench.IDEFICS2_8B).save_pretrained(folder)
-    tiny.build_processor(image_seq_len=64, shortest_edge=378, longest_edge=980).save_pretrained(folder)
+    idefics2_config(IDEFICS2_8B).save_pretrained(folder)
+    build_processor(image_seq_len=64, shortest_edge=378, longest_edge=980).save_pretrained(folder)
     return str(folder)
 
 
@@ -74,9 +76,9 @@ def predicted(recipe, folder, *overrides):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    from docvlm.config import parse_recipe
     from docvlm.families import IDEFICS2
     from docvlm.flops import CARDS
+    from docvlm.recipe.parse import parse_recipe
 
     _, model_args, training_args, _ = parse_recipe(
         ["--config", f"recipes/{recipe}.yaml", "--model_name_or_path", folder, *overrides]
@@ -84,11 +86,13 @@ def predicted(recipe, folder, *overrides):
     config = AutoConfig.from_pretrained(folder)
     with init_empty_weights():
         skeleton = AutoModelForImageTextToText.from_config(config)
-    weights, params = plan.weight_bytes(skeleton, model_args, leave_out=plan.offloaded_modules(skeleton, training_args))
-    trainable = plan.trainable_parameters(skeleton, model_args)
     stats = docvqa_rows(split_pages=model_args.do_image_splitting)
-    nested = model_args.use_bnb_nested_quant
-    guess = plan.predict(config, training_args, stats, weights, trainable, CARDS["h100-80gb"], nested, IDEFICS2)
+    memory_model = IDEFICS2.memory_model
+    terms = plan.plan_terms(training_args, stats, model_args.use_bnb_nested_quant, memory_model.calibration, config)
+    leave_out = () if terms.tower_on_gpu else plan.tower_modules(skeleton)
+    weights, params = plan.weight_bytes(skeleton, model_args, leave_out=leave_out)
+    trainable = plan.trainable_parameters(skeleton, model_args)
+    guess = plan.predict(config, terms, weights, trainable, CARDS["h100-80gb"], memory_model)
     return guess, params, trainable
 
 
@@ -121,11 +125,11 @@ def test_the_embedded_default_is_planned_at_its_own_size(overrides, measured):
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    from docvlm.config import parse_recipe
     from docvlm.data import load_splits
     from docvlm.families import IDEFICS2
     from docvlm.flops import CARDS
-    from docvlm.modeling import load_processor, model_path
+    from docvlm.recipe.parse import parse_recipe
+    from docvlm.training.modeling import load_processor, model_path
 
     data_args, model_args, training_args, _ = parse_recipe(["--config", "recipes/tiny_docvqa.yaml", *overrides])
     path = model_path(model_args)
@@ -137,7 +141,9 @@ def test_the_embedded_default_is_planned_at_its_own_size(overrides, measured):
         skeleton = AutoModelForImageTextToText.from_config(config)
     weights, _ = plan.weight_bytes(skeleton, model_args)
     trainable = plan.trainable_parameters(skeleton, model_args)
-    guess = plan.predict(config, training_args, stats, weights, trainable, CARDS["h100-80gb"], False, IDEFICS2)
+    memory_model = IDEFICS2.memory_model
+    terms = plan.plan_terms(training_args, stats, False, memory_model.calibration, config)
+    guess = plan.predict(config, terms, weights, trainable, CARDS["h100-80gb"], memory_model)
     assert abs(guess.peak_reserved_gib - measured) / measured < 0.15
 
 
@@ -164,6 +170,7 @@ def test_an_offloaded_vision_tower_is_not_counted_on_the_gpu(idefics2_8b_folder)
     assert kept.peak_reserved_gib - offloaded.peak_reserved_gib == pytest.approx(0.75, abs=0.05)
 
 
+@pytest.mark.integration
 def test_plan_checks_measures_and_warns_when_a_run_will_not_fit(idefics2_8b_folder, capsys):
     argv = ["--config", "recipes/docvqa_qlora.yaml", "--model_name_or_path", idefics2_8b_folder]
     argv += ["--dataset_name", "docvlm:tiny-docs", "--sample", "4", "--gpu", "l4-24gb"]
@@ -184,17 +191,19 @@ def test_plan_checks_measures_and_warns_when_a_run_will_not_fit(idefics2_8b_fold
     assert "not modelled" not in capsys.readouterr().out
 
 
+@pytest.mark.integration
 def test_the_planned_cache_size_is_what_the_fill_stores(tmp_path, capsys):
     """The plan counts every value of the cached features at the size the tower gives them to the connector (fp32
     under autocast: its last LayerNorm runs in fp32), as the fill stores them."""
     import re
 
+    from docvlm.speedups.feature_cache import cache_of
     from docvlm.train import run
     from tests.helpers import quick
 
     argv = quick(tmp_path, "--vision_feature_cache", "memory", "--max_steps", "1", "--save_strategy", "no")
     trainer, _ = run([*argv, "--eval_after_training", "false"])
-    stored = trainer.feature_cache.stored_bytes
+    stored = cache_of(trainer).stored_bytes
     assert (
         plan.main([*argv[:2], "--max_train_samples", "16", "--sample", "16", "--vision_feature_cache", "memory"]) == 0
     )
@@ -203,7 +212,8 @@ def test_the_planned_cache_size_is_what_the_fill_stores(tmp_path, capsys):
     # a bound 3% under that, in GB (10^9 bytes) for both: the plan warns, and the cache leaves pages out
     bound = ["--vision_feature_cache_max_gb", f"{stored * 0.97 / 1e9:.9f}"]
     trainer, _ = run([*argv, "--eval_after_training", "false", "--overwrite_output_dir", "true", *bound])
-    assert trainer.feature_cache.not_stored > 0 and trainer.feature_cache.stored_bytes <= stored * 0.97
+    cache = cache_of(trainer)
+    assert cache.not_stored > 0 and cache.stored_bytes <= stored * 0.97
     plan.main([*argv[:2], "--max_train_samples", "16", "--sample", "16", "--vision_feature_cache", "memory", *bound])
     assert "WARNING: over the bound" in capsys.readouterr().out
 

@@ -25,7 +25,11 @@ SPECIAL = [
     (r"^git clone <this repo>", SKIP, "a placeholder for the reader's clone: this test runs in a copy of the repo"),
     (r"^make test\b", SKIP, "the command that runs this test"),
     (r"^make bench(-multi)?$", SKIP, "needs a GPU: test_every_documented_gpu_command_... checks it stops at once here"),
-    (r"^make bench-cpu$", SKIP, "a CPU benchmark of several minutes: tests/test_bench_cpu.py runs one short run"),
+    (
+        r"^make bench-cpu$",
+        SKIP,
+        "a CPU benchmark of several minutes: tests/benchmarks/test_bench_cpu.py runs one short run",
+    ),
     (r"^pytest -m (multi)?gpu\b", SKIP, "needs a GPU: on a CPU every test it selects is skipped"),
     (r"^tensorboard ", SERVES, r"TensorBoard .* at http://localhost:6006"),
     (r"^make train RECIPE=docvqa_qlora$", FAILS_FAST, r"Could not reach the Hugging Face Hub.*model_name_or_path"),

@@ -16,6 +16,7 @@ def _omp_wait_policy(env: dict) -> str:
     return subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(os.path.exists("/dev/nvidiactl"), reason="GPU machines keep OpenMP's default wait policy")
 def test_cpu_machines_get_passive_openmp_threads_unless_the_user_chose():
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
@@ -55,63 +56,3 @@ def test_only_the_named_messages_are_muted():
         )
         warnings.warn("something else is deprecated", FutureWarning, stacklevel=2)
     assert [str(w.message) for w in caught] == ["something else is deprecated"]
-
-
-def test_expandable_segments_are_set_at_run_time_unless_the_environment_says(monkeypatch):
-    import torch
-
-    from docvlm import runtime
-
-    calls = []
-    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", calls.append, raising=False)
-    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
-    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert runtime.use_expandable_segments() is False and calls == []  # no GPU: nothing to set
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert runtime.use_expandable_segments() is True
-    assert calls == ["expandable_segments:True"]
-    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128,expandable_segments:False")
-    assert runtime.use_expandable_segments() is False  # the user's own setting wins
-    assert calls == ["expandable_segments:True"]
-
-
-def test_cudnn_attention_switch_turns_cudnn_sdpa_off_on_a_gpu_only(monkeypatch):
-    import torch
-
-    from docvlm import runtime
-
-    enabled = torch.backends.cuda.cudnn_sdp_enabled()
-    try:
-        torch.backends.cuda.enable_cudnn_sdp(True)
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-        assert runtime.disable_cudnn_attention() is False and torch.backends.cuda.cudnn_sdp_enabled()
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-        assert runtime.disable_cudnn_attention() is True and not torch.backends.cuda.cudnn_sdp_enabled()
-    finally:
-        torch.backends.cuda.enable_cudnn_sdp(enabled)
-
-
-def test_garbage_alive_after_the_first_step_is_frozen_once():
-    import gc
-
-    from transformers import TrainerControl, TrainerState, TrainingArguments
-
-    from docvlm.runtime import freeze_garbage_after_first_step
-
-    callback, state = freeze_garbage_after_first_step(), TrainerState()
-    args = TrainingArguments(output_dir="unused", use_cpu=True, report_to="none")
-    gc.unfreeze()
-    try:
-        state.global_step = 1
-        callback.on_step_end(args, state, TrainerControl())
-        frozen = gc.get_freeze_count()
-        assert frozen > 0  # what the first step left alive is out of the collector's reach
-        garbage = [object() for _ in range(1000)]
-        state.global_step = 2
-        callback.on_step_end(args, state, TrainerControl())
-        assert gc.get_freeze_count() == frozen  # later steps' objects are collected as usual
-        del garbage
-    finally:
-        gc.unfreeze()

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from docvlm.collator import DocVQACollator
 from docvlm.train import main, run
+from docvlm.training.collator import DocVQACollator
 from tests.helpers import mark_for_resume, quick
 
 
@@ -55,9 +55,10 @@ def test_trainable_weights_stayed_fp32(trained):
 def test_saved_adapter_reloads_with_peft_and_gives_the_same_logits(trained, tiny_dataset_path):
     from peft import PeftModel
 
-    from docvlm.config import parse_recipe
     from docvlm.data import load_splits
-    from docvlm.modeling import autocast_for, load_model, load_processor, model_path, training_dtype
+    from docvlm.recipe.parse import parse_recipe
+    from docvlm.training.modeling import load_model, load_processor, model_path
+    from docvlm.training.precision import autocast_for, training_dtype
 
     out, trainer, _ = trained
     data_args, model_args, training_args, _ = parse_recipe(quick(out))
@@ -115,12 +116,13 @@ def test_resume_from_latest_checkpoint(trained, tmp_path):
 
 def loaders_that_must_not_run(monkeypatch) -> None:
     """The data and model loaders, made to fail the test if anything calls them."""
-    from docvlm import data, modeling
+    from docvlm import prepare
+    from docvlm.training import modeling
 
     def loaded(*args, **kwargs):
         raise AssertionError("something was loaded before the error")
 
-    for module, name in ((data, "load_splits"), (modeling, "load_model"), (modeling, "load_processor")):
+    for module, name in ((prepare, "load_splits"), (modeling, "load_model"), (modeling, "load_processor")):
         monkeypatch.setattr(module, name, loaded)
 
 
@@ -143,7 +145,7 @@ def test_run_folder_and_checkpoints_carry_docvlms_card_with_the_evaluation(train
 
 
 def test_the_run_ends_by_saying_where_everything_is(trained):
-    from docvlm.train import where_things_are
+    from docvlm.training.outputs import where_things_are
 
     out, _, _ = trained
     text = where_things_are(out, ["tensorboard"], page_hint=True)
@@ -154,7 +156,7 @@ def test_the_run_ends_by_saying_where_everything_is(trained):
 
 
 def test_the_last_lines_list_only_the_files_the_run_wrote(tmp_path):
-    from docvlm.train import where_things_are
+    from docvlm.training.outputs import where_things_are
 
     for name in ("adapter_model.safetensors", "adapter_config.json", "report.md", "report.json", "predictions.jsonl"):
         (tmp_path / name).write_text("x")  # a run too short for a loss plot
@@ -168,7 +170,7 @@ def test_one_process_with_several_gpus_is_refused():
     import pytest
 
     from docvlm.errors import UserError
-    from docvlm.train import check_one_gpu_per_process
+    from docvlm.training.launch import check_one_gpu_per_process
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch.cuda, "device_count", lambda: 1)
@@ -199,6 +201,7 @@ def test_the_loss_evaluation_runs_when_the_recipe_asks_for_it(tmp_path):
     assert "eval_loss" in metrics and 2 in [h["step"] for h in history if "eval_loss" in h]
 
 
+@pytest.mark.integration
 def test_the_receipts_recipe_trains_on_key_value_rows_with_no_code(tmp_path, capsys):
     """recipes/receipts_kie_qlora.yaml as shipped (synthetic receipts, one row per receipt and a column per field,
     no held-out split), smoke-trained on the tiny model through overrides."""
@@ -226,14 +229,15 @@ def test_the_receipts_recipe_trains_on_key_value_rows_with_no_code(tmp_path, cap
     }
 
 
+@pytest.mark.integration
 def test_the_local_folder_recipe_trains_on_a_folder_of_scans_and_a_csv(tmp_path):
     """recipes/local_folder_qlora.yaml as documented: page images and a metadata.csv, no held-out split."""
     import csv
 
-    from docvlm import tiny
+    from docvlm.fixtures.documents import export_pages
 
     scans = tmp_path / "my_scans"
-    tiny.export_pages(scans, 40, metadata_csv=True)  # held-out tiny pages stand in for the user's scans
+    export_pages(scans, 40, metadata_csv=True)  # held-out tiny pages stand in for the user's scans
     with open(scans / "metadata.csv", newline="") as handle:
         lines = list(csv.reader(handle))
     assert lines[0] == ["file_name", "question", "answer"] and len(lines) == 41 and (scans / lines[1][0]).is_file()
@@ -257,6 +261,7 @@ def test_the_local_folder_recipe_trains_on_a_folder_of_scans_and_a_csv(tmp_path)
     assert "Held out by eval_split_size: 4 pages of 40, with their 4 questions" in report_md
 
 
+@pytest.mark.integration
 def test_the_chartqa_recipe_trains_on_rendered_charts_and_reports_by_question_source(tmp_path):
     """recipes/chartqa_qlora.yaml with the offline overrides its header names: ChartQA's schema (query, label list,
     human_or_machine class label) on bar charts rendered with matplotlib."""
@@ -276,13 +281,14 @@ def test_the_chartqa_recipe_trains_on_rendered_charts_and_reports_by_question_so
     assert report["count"] == 16 and set(report["systems"]["after"]["anls_by_group"]) == {"human", "machine"}
 
 
+@pytest.mark.integration
 def test_bad_rows_are_skipped_before_training_and_listed_in_the_report(tmp_path, capsys):
     """A folder of scans with a missing page, a truncated page and an empty answer trains on the rest; the skips are
     printed at the start and the end and recorded in report.json."""
-    from docvlm import tiny
+    from docvlm.fixtures.documents import export_pages
 
     scans = tmp_path / "scans"
-    metadata = tiny.export_pages(scans, 20, metadata_csv=True)
+    metadata = export_pages(scans, 20, metadata_csv=True)
     (scans / "page-003.png").write_bytes((scans / "page-003.png").read_bytes()[:100])  # truncated
     (scans / "page-005.png").unlink()  # missing
     lines = metadata.read_text().splitlines()
@@ -348,6 +354,7 @@ def first_step_gradients(out, reentrant: bool) -> dict:
     return grads
 
 
+@pytest.mark.integration
 def test_reentrant_decoder_checkpointing_gives_every_lora_weight_the_same_gradient(tmp_path):
     """The 8B recipes recompute the decoder with reentrant checkpointing (fewer hooks a step, docs/benchmarks.md).
     That form passes gradients only through inputs that require them: if the decoder's input did not, its LoRA
@@ -364,6 +371,7 @@ def test_reentrant_decoder_checkpointing_gives_every_lora_weight_the_same_gradie
         torch.testing.assert_close(grad, plain[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.integration
 def test_anls_is_logged_at_each_evaluation_and_the_best_adapter_is_kept(tmp_path):
     """eval_strategy steps with metric_for_best_model anls: each evaluation answers held-out questions, logs
     eval_anls beside eval_loss, and the adapter saved at the end is the best evaluation's checkpoint."""
@@ -399,27 +407,28 @@ def test_anls_is_logged_at_each_evaluation_and_the_best_adapter_is_kept(tmp_path
 
 
 def test_a_best_adapter_by_anls_needs_evaluations_that_compute_it(tmp_path):
-    from docvlm.config import parse_recipe
     from docvlm.errors import UserError
+    from docvlm.recipe.parse import parse_recipe
 
     for extra in (["--eval_strategy", "no"], ["--eval_strategy", "steps", "--eval_anls_samples", "0"]):
         with pytest.raises(UserError, match="metric_for_best_model is anls, but evaluations during training"):
             parse_recipe(quick(tmp_path, "--metric_for_best_model", "anls", *extra))
 
 
+@pytest.mark.integration
 def test_no_held_out_page_reaches_the_trainer(tmp_path, monkeypatch):
     """20 scans of 4 questions each (metadata.csv), eval_split_size 0.2: the rows the trainer's collator builds
     batches from cover every training page and not one of the 4 held-out pages."""
-    from docvlm import tiny
-    from tests.test_data_splits import scans_with_metadata
+    from docvlm.fixtures.documents import page_digest
+    from tests.data.test_splits import scans_with_metadata
 
     seen = []
     original = DocVQACollator.__call__
 
     def recording(self, rows):
-        from docvlm.collator import pages_of
+        from docvlm.pages import pages_of
 
-        seen.extend(tiny.page_digest(pages_of(row, "a training row")[0]) for row in rows)
+        seen.extend(page_digest(pages_of(row, "a training row")[0]) for row in rows)
         return original(self, rows)
 
     monkeypatch.setattr(DocVQACollator, "__call__", recording)
@@ -438,8 +447,8 @@ def test_no_held_out_page_reaches_the_trainer(tmp_path, monkeypatch):
     assert len(held_names) == 4 and data["held_out"]["held_out_questions"] == 16
     from PIL import Image
 
-    held = {tiny.page_digest(Image.open(scans / name).convert("RGB")) for name in held_names}
-    every = {tiny.page_digest(Image.open(path).convert("RGB")) for path in scans.glob("*.png")}
+    held = {page_digest(Image.open(scans / name).convert("RGB")) for name in held_names}
+    every = {page_digest(Image.open(path).convert("RGB")) for path in scans.glob("*.png")}
     assert len(seen) == 64 and set(seen) == every - held  # one epoch: each training question once
     predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == 16 and {p for item in predictions for p in item["pages"]} == set(held_names)
@@ -448,10 +457,10 @@ def test_no_held_out_page_reaches_the_trainer(tmp_path, monkeypatch):
 def test_a_run_without_evaluation_still_accounts_for_every_row(tmp_path, capsys):
     """eval_after_training false: no report.json, but data_report.json lists each skipped row by reason, and the
     run's last lines say where."""
-    from docvlm import tiny
+    from docvlm.fixtures.documents import export_pages
 
     scans = tmp_path / "scans"
-    metadata = tiny.export_pages(scans, 12, metadata_csv=True)
+    metadata = export_pages(scans, 12, metadata_csv=True)
     (scans / "page-003.png").unlink()  # missing
     lines = metadata.read_text().splitlines()
     lines[6] = lines[6].rsplit(",", 1)[0] + ","  # page-005: empty answer
@@ -475,6 +484,7 @@ def test_a_run_without_evaluation_still_accounts_for_every_row(tmp_path, capsys)
     assert "2 skipped (1 image missing, 1 no answer)" in captured and "data_report.json lists them" in captured
 
 
+@pytest.mark.integration
 def test_resuming_a_finished_run_changes_nothing(tmp_path, capsys):
     """16 rows of 4 a step is 4 steps an epoch: max_steps 5 is not a multiple, and the Trainer's resume from
     checkpoint-5 trained a sixth step and rewrote the run's results."""

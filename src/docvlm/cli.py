@@ -76,7 +76,7 @@ def launch(argv: list[str]) -> int:
     message stays last and the job's own exit status is returned.
 
     SIGINT and SIGTERM sent to this process are forwarded to the training processes, which save a checkpoint and
-    stop (docvlm.runs.StopRequests). accelerate's and torchrun's own handlers are kept out for the launch: they
+    stop (docvlm.training.runs.StopRequests). accelerate's and torchrun's own handlers are kept out for the launch: they
     turn a signal into SIGTERM for the job and a SIGKILL a few seconds later, which can cut the stop checkpoint
     off, or, with SIGINT ignored (a job started in the background), do nothing at all."""
     from accelerate.commands.launch import launch_command, launch_command_parser
@@ -174,10 +174,10 @@ the adapter folder (--adapter, default: the recipe's output_dir)."""
 
 
 def evaluate(argv: list[str]) -> int:
-    from docvlm.recipe_help import exit_on_help
+    from docvlm.recipe.help import exit_on_help
 
     exit_on_help(argv, EVAL_PREFACE)
-    from docvlm.evaluate import run_eval
+    from docvlm.evaluation.evaluate import run_eval
 
     run_eval(argv)
     return 0
@@ -250,8 +250,8 @@ def predict(argv: list[str]) -> int:
     else:
         parser.error("give --image and --question, or --input FILE.jsonl")
 
-    from docvlm.evaluate import generate
-    from docvlm.export import load_for_inference
+    from docvlm.evaluation.generation import generate
+    from docvlm.inference import load_for_inference
 
     model, processor, prompt, max_new_tokens = load_for_inference(args.adapter, args.model)
     answers = generate(
@@ -307,7 +307,7 @@ def merge(argv: list[str]) -> int:
         "(answers differ). A base trained unquantized is always merged as is.",
     )
     args = parser.parse_args(argv)
-    from docvlm.export import merge as merge_adapter
+    from docvlm.inference import merge as merge_adapter
 
     print(f"merged model written to {merge_adapter(args.adapter, args.out, args.dtype, args.base)}")
     return 0
@@ -325,7 +325,7 @@ def push(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if not Path(args.folder).is_dir():
         raise UserError(f"--folder {args.folder} is not a folder.")
-    from docvlm.export import push as push_folder
+    from docvlm.inference import push as push_folder
 
     print(push_folder(args.folder, args.repo_id, private=not args.public))
     return 0
@@ -353,14 +353,15 @@ def fixtures(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.count < 1:
         parser.error("--count must be at least 1")
-    from docvlm import tiny
+    from docvlm.fixtures import FIXTURES, resolve
+    from docvlm.fixtures.documents import export_pages
 
     if args.metadata_csv and not args.export_pages:
         parser.error("--metadata-csv goes with --export-pages DIR")
-    for name in tiny.FIXTURES:
-        print(f"{name}: {tiny.resolve(name)}")
+    for name in FIXTURES:
+        print(f"{name}: {resolve(name)}")
     if args.export_pages:
-        questions = tiny.export_pages(Path(args.export_pages), args.count, args.metadata_csv)
+        questions = export_pages(Path(args.export_pages), args.count, args.metadata_csv)
         print(f"{args.count} held-out pages and their questions written to {questions}")
     return 0
 

@@ -29,7 +29,7 @@ CARDS = {
 
 
 def card_of(device_name: str) -> Card | None:
-    """The card torch names `device_name` (e.g. "NVIDIA H100 80GB HBM3"), or None for one not listed."""
+    """The card torch names `device_name` (e.g. "NVIDIA L4"), or None for one not listed."""
     for card in CARDS.values():
         if any(part in device_name for part in card.device_names):
             return card

@@ -10,7 +10,7 @@ import functools
 import os
 from pathlib import Path
 
-from docvlm.config import UserError
+from docvlm.errors import UserError
 
 HUB_TIMEOUT_S = 10.0
 
@@ -56,11 +56,11 @@ def _is_cached(repo_id: str, repo_type: str, revision: str | None) -> bool:
 
 def check_recipe_sources(model_args, data_args) -> None:
     """The recipe's model and dataset, checked before anything heavy is loaded (fixtures are built here)."""
-    from docvlm import tiny
+    from docvlm.fixtures import resolve
 
     check_sources(
-        (tiny.resolve(model_args.model_name_or_path), "model", "model_name_or_path", model_args.model_revision),
-        (tiny.resolve(data_args.dataset_name), "dataset", "dataset_name", None),
+        (resolve(model_args.model_name_or_path), "model", "model_name_or_path", model_args.model_revision),
+        (resolve(data_args.dataset_name), "dataset", "dataset_name", None),
     )
 
 

@@ -100,3 +100,13 @@ def undecoded_pages(rows):
     if isinstance(feature, List | LargeList) and isinstance(feature.feature, Image):
         return rows.cast_column("image", List(Image(decode=False)))
     return rows
+
+
+def pages_of(row: dict, where: str) -> list:
+    """A row's pages as RGB images: `image` holds one page or a list of pages (a multi-page document), decoded or
+    as stored ({bytes, path}, decoded here; docvlm.pages.PageProblem when one cannot be used)."""
+    pages = row.get("image")
+    pages = pages if isinstance(pages, list | tuple) else [pages]
+    if not pages:
+        raise UserError(f"{where}: no image. Check image_column.")
+    return [open_page(page, where) if isinstance(page, dict) else to_rgb(page, where) for page in pages]

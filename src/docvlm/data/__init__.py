@@ -2,23 +2,28 @@
 
 - `sources`: read the splits (Hub, files, folders of tables or images), tables as text where their format cannot
   tell text from numbers;
-- `layouts`: map columns onto (image, question, answers, row), one row per question;
+- `layouts`: map columns onto (image, question, answers, row) or a conversation;
+- `questions`: rows holding several questions (field questions, question/answer pairs, parallel lists), one row each;
+- `columns`: a split's column names as a recipe gives them;
 - `text`: numbers, booleans and mixed-type JSON cells as text;
 - `splits`: hold pages or documents out for evaluation, never sharing a page with training;
-- `report`: data_report.json, what became of every row.
+- `report`: data_report.json, what became of every row;
+- `checks`: every row checked before the model loads; `preflight`: held-out answers against eval_max_new_tokens.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from docvlm import tiny
-from docvlm.config import DataArguments, UserError
-from docvlm.data.layouts import CANONICAL, column_names, map_columns, role_columns
+from docvlm.data.columns import column_names
+from docvlm.data.layouts import CANONICAL, map_columns, role_columns
 from docvlm.data.report import DataReport
 from docvlm.data.sources import check_text_file, load_raw, split_files
 from docvlm.data.splits import carve_eval_split, page_names
+from docvlm.errors import UserError
+from docvlm.fixtures import resolve
 from docvlm.hub import check_source, looks_local
+from docvlm.recipe.schema import DataArguments
 
 __all__ = [
     "CANONICAL",
@@ -44,7 +49,7 @@ def dataset_folder(source: str) -> Path | None:
 def load_splits(args: DataArguments, need_eval: bool = True, report: DataReport | None = None):
     """(train, eval) datasets with the canonical columns; eval is None when the split is absent and not needed.
     `report` (a DataReport) gets the rows read, questions made, conversions, skips and what was held out."""
-    source = tiny.resolve(args.dataset_name)
+    source = resolve(args.dataset_name)
     if not source:
         raise UserError("No dataset: set dataset_name in the recipe (a Hub id or a local path).")
     check_source(source, "dataset", "dataset_name")

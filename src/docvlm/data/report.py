@@ -14,7 +14,7 @@ LISTED = 100  # rows report.json lists in file order, whatever their reason
 
 
 class DataReport:
-    """Filled in as the data is read (docvlm.data), held out (docvlm.data.splits) and checked (docvlm.screen)."""
+    """Filled in as the data is read (docvlm.data), held out (docvlm.data.splits) and checked (docvlm.data.checks)."""
 
     def __init__(self, dataset: str):
         self.dataset = dataset

@@ -1,0 +1,90 @@
+"""What a model family plugs into docvlm: how its answers end, how its prompts and batches are built, which
+processor options and speed switches it offers (docvlm.speedups asks for the capabilities by name), its training
+FLOPs and `docvlm plan`'s calibration. A family is one subclass of Family in its own module; generic code asks the
+family and never branches on which one it is (docs/new_family.md)."""
+
+from __future__ import annotations
+
+from docvlm.errors import UserError
+from docvlm.prompts import Prompt, prompt_messages
+
+
+class Family:
+    """A chat-templated family with none of docvlm's patches: the defaults every family starts from."""
+
+    name = "a model family"
+    model_types: tuple[str, ...] = ()
+    processor_classes: tuple[str, ...] = ()
+    # The token that closes an assistant turn in the family's chat template; None: the tokenizer's end of sequence.
+    end_of_turn: str | None = None
+    why_not = "docvlm has no family module for it: only switches that do not reach into the model apply"
+    # Processor options a recipe may set (ModelArguments fields) for this family.
+    processor_options: frozenset[str] = frozenset()
+    # Capabilities the speed switches ask for (docvlm.speedups): a tower docvlm can run without grad, one called with
+    # keywords (so a few pages at a time), one whose features the cache can serve, and the family's own patches
+    # (functions of the model).
+    frozen_tower = False
+    tower_in_chunks = False
+    feature_cache = False
+    checkpoint_connector = None
+    lean_connector = None
+    half_precision_connector_input = None
+    fuse_rms_norms = None
+    compile_decoder_layers = None
+    # (config, batch shapes, tower_runs) -> model FLOPs of a training micro-batch; None: not counted (bench, plan)
+    training_flops = None
+    # `docvlm plan`'s memory and step-time model, calibrated with `make bench` (docvlm.families.idefics2.memory is
+    # one); None: plan predicts neither
+    memory_model = None
+
+    def __init__(self, name: str | None = None, model_types: tuple[str, ...] | None = None, **capabilities):
+        """A family of another name or with other capabilities (an unknown model type; tests)."""
+        if name is not None:
+            self.name = name
+        if model_types is not None:
+            self.model_types = model_types
+        for key, value in capabilities.items():
+            if not hasattr(type(self), key):
+                raise TypeError(f"A family has no {key!r}.")
+            setattr(self, key, value)
+
+    def __repr__(self) -> str:
+        return f"<family {self.name}>"
+
+    def end_of_turn_id(self, tokenizer) -> int:
+        """The id that closes an assistant turn, checked against the tokenizer."""
+        if self.end_of_turn is None:
+            if tokenizer.eos_token_id is None:
+                raise UserError(f"The tokenizer has no end-of-sequence token, which closes a {self.name} answer.")
+            return tokenizer.eos_token_id
+        token_id = tokenizer.convert_tokens_to_ids(self.end_of_turn)
+        if token_id is None or token_id == tokenizer.unk_token_id:
+            raise UserError(
+                f"The tokenizer has no {self.end_of_turn} token, which closes an answer in {self.name} models: "
+                "is the processor the model's own?"
+            )
+        return token_id
+
+    def stop_ids(self, tokenizer) -> list[int]:
+        """Where generation stops: the end of a turn, and the end of the sequence."""
+        ids = [self.end_of_turn_id(tokenizer), tokenizer.eos_token_id]
+        return list(dict.fromkeys(i for i in ids if i is not None))
+
+    def configure_processor(self, processor, model_args) -> None:
+        """Set the recipe's processor options (those in processor_options) on a loaded processor."""
+
+    def training_turns(self, turns: list[dict], tokenizer) -> list[dict]:
+        """The turns as training renders them (the chat template writes the end-of-turn token after an answer)."""
+        return turns
+
+    def prompt_text(self, processor, prompt: Prompt, row: dict, pages: int) -> str:
+        """The text the model sees before it answers a row: the chat up to the answer."""
+        return processor.apply_chat_template(prompt_messages(row, prompt, pages), add_generation_prompt=True)
+
+    def make_batch(self, collator, rows: list[dict]) -> dict:
+        """A training batch of rows with decoded pages: the chat batch, labels on the answers."""
+        return collator.chat_batch(rows)
+
+    def lengths(self, collator, rows: list[dict]) -> list[int]:
+        """Each row's length in tokens as a batch would hold it (for the checks before training)."""
+        return collator.chat_lengths(rows)
