@@ -53,7 +53,7 @@ def load_for_inference(adapter: str | None = None, model: str | None = None):
         processor = AutoProcessor.from_pretrained(str(folder))
         merged = ModelArguments(dtype="auto", attn_implementation=model_args.attn_implementation)
         network = load_model(merged, inference_dtype(), str(folder), quantize=False)
-    from docvlm.training.collator import Prompt
+    from docvlm.prompts import Prompt
 
     return network.eval(), processor, Prompt.of(data_args), eval_args.eval_max_new_tokens
 
