@@ -211,8 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     from docvlm.training.runs import Stopped, is_main_rank
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_third_party_noise()  # before the help too: rendering it anew imports the ML libraries
     exit_on_help(argv)  # before the ML libraries are imported: the rendered help is cached
-    quiet_third_party_noise()
     try:
         run(argv)
     except UserError as err:
