@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import architectures
 from benchmarks import memory as bench_memory
 from benchmarks import profile as bench_profile
 from docvlm.families.idefics2 import IDEFICS2_8B
@@ -133,6 +134,10 @@ def fixtures(model: str, pages: int) -> tuple[str, str]:
     """Paths of the benchmark model and pages, built on first use."""
     if model == "tiny":
         model_dir, size = resolve(TINY_MODEL), (440, 560)
+    elif model in architectures.ARCHITECTURES:
+        model_dir, size = str(cache_dir() / f"{model}-random"), (1700, 2200)
+        if not (Path(model_dir) / "COMPLETE").exists():
+            build_atomically(lambda out: architectures.build(model, out), Path(model_dir))
     else:
         model_dir, size = str(cache_dir() / "idefics2-8b-random"), (1700, 2200)
         if not (Path(model_dir) / "COMPLETE").exists():
@@ -649,7 +654,13 @@ def child(args) -> None:
     from accelerate import PartialState
 
     model_dir, data_dir = fixtures(args.model, args.pages)
-    if args.child in ("baseline", "baseline-masked"):
+    if args.model in architectures.ARCHITECTURES and args.child.startswith("baseline"):
+        # the family's usual setup without docvlm: "baseline" or "baseline <max_pixels>"
+        _, *budget = args.child.split()
+        timer = step_timer(args.warmup, args.steps)
+        extra = architectures.run_trl_style(model_dir, data_dir, args.steps, args.warmup, timer, *map(int, budget))
+        result = {**summarize(timer, 16), **extra}
+    elif args.child in ("baseline", "baseline-masked"):
         masked = args.child == "baseline-masked"
         result = run_baseline(model_dir, data_dir, args.steps, args.warmup, args.profile, masked, args.memory_profile)
     else:
@@ -696,9 +707,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--model",
-        choices=["8b", "tiny"],
+        choices=["8b", "tiny", *architectures.ARCHITECTURES],
         default="8b",
-        help="8b: Idefics2-8B's architecture, random weights (GPU); tiny: the CPU fixture",
+        help="8b: Idefics2-8B's architecture, random weights (GPU); tiny: the CPU fixture; the others: those "
+        "architectures, random weights (GPU), whose 'baseline' is the family's usual TRL-style setup "
+        "(benchmarks/architectures.py; 'baseline 2007040': at that page budget in pixels)",
     )
     parser.add_argument(
         "--setups",
@@ -747,9 +760,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    if args.model == "8b" and not torch.cuda.is_available():
+    if args.model != "tiny" and not torch.cuda.is_available():
         print(
-            "docvlm bench: the 8B benchmark needs a CUDA GPU (it builds and trains an 8.4 B-parameter model). "
+            f"docvlm bench: the {args.model} benchmark needs a CUDA GPU (it builds and trains a model of billions of "
+            "parameters). "
             "For a CPU smoke run of the same code: python -m benchmarks.bench --model tiny --steps 1 --warmup 1",
             file=sys.stderr,
         )

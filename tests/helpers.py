@@ -43,14 +43,23 @@ def peft_tiny_model_and_batch(size=4, recipe="recipes/tiny_docvqa.yaml", *overri
     from docvlm.data import load_splits
     from docvlm.recipe.parse import parse_recipe
     from docvlm.training.collator import DocVQACollator
-    from docvlm.training.modeling import keep_trainable_fp32, load_model, load_processor, lora_config, model_path
+    from docvlm.training.modeling import (
+        keep_trainable_fp32,
+        load_model,
+        load_processor,
+        lora_config,
+        model_path,
+        model_type_at,
+    )
 
     data_args, model_args, _, _ = parse_recipe(["--config", recipe, *overrides])
     path = model_path(model_args)
     model = get_peft_model(load_model(model_args, torch.float32, path), lora_config(model_args))
     keep_trainable_fp32(model)
     train_rows, _ = load_splits(data_args, need_eval=False)
-    collator = DocVQACollator(load_processor(model_args, path), data_args.instruction, 256, "first")
+    collator = DocVQACollator(
+        load_processor(model_args, path, model_type_at(path)), data_args.instruction, 256, "first"
+    )
     model.train()
     return model, collator([train_rows[i] for i in range(size)])
 

@@ -15,9 +15,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "docvlm"
 LAYERS = (
     ("base", ("errors", "runtime", "flops")),
     ("shared", ("conversations", "pages", "modes", "prompts")),
-    ("fixtures", ("fixtures",)),  # the embedded default's models and documents, resolved by name (docvlm:...)
-    ("hub", ("hub",)),
     ("families", ("families",)),
+    ("fixtures", ("fixtures",)),  # the embedded default's models (of the families) and documents, by name (docvlm:...)
+    ("hub", ("hub",)),
     ("speedups", ("speedups",)),
     ("recipe", ("recipe",)),
     ("data and training", ("data", "training")),

@@ -136,7 +136,9 @@ def test_the_embedded_default_is_planned_at_its_own_size(overrides, measured):
     config = AutoConfig.from_pretrained(path)
     rows, _ = load_splits(data_args, need_eval=False)
     sample = rows.select(range(0, len(rows), len(rows) // 32)[:32])
-    stats = plan.measure_sample(sample, load_processor(model_args, path), data_args, config.vision_config.patch_size)
+    stats = plan.measure_sample(
+        sample, load_processor(model_args, path, config.model_type), data_args, config.vision_config.patch_size
+    )
     with init_empty_weights():
         skeleton = AutoModelForImageTextToText.from_config(config)
     weights, _ = plan.weight_bytes(skeleton, model_args)

@@ -57,13 +57,13 @@ def test_saved_adapter_reloads_with_peft_and_gives_the_same_logits(trained, tiny
 
     from docvlm.data import load_splits
     from docvlm.recipe.parse import parse_recipe
-    from docvlm.training.modeling import load_model, load_processor, model_path
+    from docvlm.training.modeling import load_model, load_processor, model_path, model_type_at
     from docvlm.training.precision import autocast_for, training_dtype
 
     out, trainer, _ = trained
     data_args, model_args, training_args, _ = parse_recipe(quick(out))
     path = model_path(model_args)
-    processor = load_processor(model_args, path)
+    processor = load_processor(model_args, path, model_type_at(path))
     _, eval_rows = load_splits(data_args)
     batch = DocVQACollator(processor, data_args.instruction, 256, "first")([eval_rows[i] for i in range(3)])
     batch.pop("labels")

@@ -32,9 +32,7 @@ def read_run_recipe(folder: Path) -> tuple[ModelArguments, DataArguments, EvalAr
 def load_for_inference(adapter: str | None = None, model: str | None = None):
     """(model, processor, prompt, max_new_tokens) from an adapter folder (4-bit base + adapter, as trained)
     or from a merged model folder."""
-    from transformers import AutoProcessor
-
-    from docvlm.training.modeling import load_model, load_processor, model_path
+    from docvlm.training.modeling import load_model, load_processor, model_path, model_type_at
     from docvlm.training.precision import inference_dtype
 
     if bool(adapter) == bool(model):
@@ -47,11 +45,11 @@ def load_for_inference(adapter: str | None = None, model: str | None = None):
         from peft import PeftModel
 
         base = model_path(model_args)
-        processor = load_processor(model_args, str(folder))
+        processor = load_processor(model_args, str(folder), model_type_at(base, model_args.model_revision))
         network = PeftModel.from_pretrained(load_model(model_args, inference_dtype(), base), str(folder))
     else:
-        processor = AutoProcessor.from_pretrained(str(folder))
         merged = ModelArguments(dtype="auto", attn_implementation=model_args.attn_implementation)
+        processor = load_processor(merged, str(folder), model_type_at(str(folder)))
         network = load_model(merged, inference_dtype(), str(folder), quantize=False)
     from docvlm.prompts import Prompt
 
@@ -70,7 +68,7 @@ def merge(adapter: str, out: str, dtype: str = "auto", base: str = "dequantized"
     from peft import PeftModel
 
     from docvlm.evaluation.card import merged_card
-    from docvlm.training.modeling import load_model, load_processor, model_path
+    from docvlm.training.modeling import load_model, load_processor, model_path, model_type_at
     from docvlm.training.precision import inference_dtype, resolve_dtype
     from docvlm.training.trainer import readable_weights
 
@@ -95,7 +93,9 @@ def merge(adapter: str, out: str, dtype: str = "auto", base: str = "dequantized"
     out_dir.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out_dir, safe_serialization=True)
     readable_weights(out_dir)
-    load_processor(model_args, str(adapter_dir)).save_pretrained(out_dir)
+    load_processor(model_args, str(adapter_dir), model_type_at(base_path, model_args.model_revision)).save_pretrained(
+        out_dir
+    )
     shutil.copy(adapter_dir / RECIPE_FILE, out_dir / RECIPE_FILE)
     report = adapter_dir / "report.json"
     if report.is_file():

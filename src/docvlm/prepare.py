@@ -79,7 +79,7 @@ def prepare(
     skeleton = check_lora_targets(model_args, path, trust, config=config) if check_targets else None
     report = DataReport(data_args.dataset_name)
     train_rows, eval_rows = load_splits(data_args, need_eval=need_eval, report=report)
-    processor = load_processor(model_args, processor_path or path)
+    processor = load_processor(model_args, processor_path or path, config.model_type)
     if screen_train:
         train_rows, _ = screen_split(train_rows, processor, recipe, data_args.dataset_train_split, report)
         if len(train_rows) == 0:

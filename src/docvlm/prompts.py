@@ -60,3 +60,13 @@ def prompt_messages(row: dict, prompt: Prompt, pages: int) -> list[dict]:
     if prompt.system and turns[0]["role"] != "system":
         turns.insert(0, text_message("system", prompt.system))
     return turns
+
+
+def special_tokens_for(tokenizer, texts: list[str]) -> dict:
+    """Tokenizer arguments for chat-template texts: where the template already wrote the tokenizer's begin-of-sequence
+    token (some families' templates do), none is added again, so that a text starts with one, as in the model's
+    training."""
+    bos = tokenizer.bos_token
+    if bos and texts and all(text.startswith(bos) for text in texts):
+        return {"add_special_tokens": False}
+    return {}

@@ -9,7 +9,7 @@ from docvlm.families import (
     FAMILIES,
     IDEFICS2,
     LLAVA,
-    QWEN2_VL,
+    QWEN_VL,
     family_at,
     family_of,
     family_of_processor,
@@ -40,7 +40,7 @@ def recipe(*extra):
     [
         ("Idefics3Config", "connector_checkpointing", "Idefics3 / SmolVLM"),  # its connector takes one tensor
         ("SmolVLMConfig", "connector_lean_activations", "Idefics3 / SmolVLM"),
-        ("Qwen2VLConfig", "vision_tower_pages", "Qwen2-VL"),  # its tower takes a grid, positionally
+        ("Qwen2VLConfig", "vision_tower_pages", "Qwen-VL"),  # its tower takes a grid, positionally
         ("LlavaConfig", "connector_checkpointing", "LLaVA"),
         ("PaliGemmaConfig", "vision_tower_pages", "PaliGemma"),
     ],
@@ -56,12 +56,21 @@ def test_a_switch_that_does_not_apply_to_the_family_is_refused_naming_both(confi
         refuse_what_does_not_apply(family_of(model_type), model_args, training_args)
 
 
-def test_qwen2_vl_refuses_the_edge_size_options_it_would_read_as_pixel_counts():
+@pytest.mark.parametrize(
+    "model_type, option, value, family",
+    [
+        ("qwen2_vl", "image_longest_edge", "980", "Qwen-VL"),  # its processor would read an edge as an area
+        ("qwen3_vl", "image_longest_edge", "980", "Qwen-VL"),
+        ("idefics2", "image_max_pixels", "1003520", "Idefics2"),  # and Idefics2's an area as an edge
+        ("llava", "image_max_pixels", "1003520", "LLaVA"),  # a fixed-size page has no budget
+    ],
+)
+def test_a_page_budget_in_the_other_familys_units_is_refused(model_type, option, value, family):
     off = ["--connector_checkpointing", "false", "--connector_lean_activations", "false", "--vision_tower_pages", "0"]
-    off += ["--fused_rms_norms", "false", "--connector_in_compute_dtype", "false"]
-    model_args, training_args = recipe(*off, "--image_longest_edge", "980")
-    with pytest.raises(UserError, match="image_longest_edge is set in the recipe, but it does not apply to Qwen2-VL"):
-        refuse_what_does_not_apply(family_of("qwen2_vl"), model_args, training_args)
+    off += ["--fused_rms_norms", "false", "--connector_in_compute_dtype", "false", "--image_longest_edge", "null"]
+    model_args, training_args = recipe(*off, f"--{option}", value)
+    with pytest.raises(UserError, match=f"{option} is set in the recipe, but it does not apply to {family}"):
+        refuse_processor_options(family_of(model_type), model_args)
 
 
 def test_idefics2_takes_every_switch_and_an_unknown_family_none(tiny_model_path):
@@ -84,8 +93,8 @@ def test_the_end_of_turn_comes_from_the_family_and_a_tokenizer_without_it_is_ref
     assert family_of_processor(processor) is IDEFICS2
     assert IDEFICS2.end_of_turn_id(tokenizer) == 32002 and IDEFICS2.stop_ids(tokenizer) == [32002, 2]
     assert LLAVA.end_of_turn_id(tokenizer) == tokenizer.eos_token_id  # LLaVA closes an answer with </s>
-    with pytest.raises(UserError, match=r"no <\|im_end\|> token, which closes an answer in Qwen2-VL models"):
-        QWEN2_VL.end_of_turn_id(tokenizer)
+    with pytest.raises(UserError, match=r"no <\|im_end\|> token, which closes an answer in Qwen-VL models"):
+        QWEN_VL.end_of_turn_id(tokenizer)
     unknown = family_of_processor(object())
     assert "not one docvlm knows" in unknown.name and unknown.stop_ids(tokenizer) == [2]
 

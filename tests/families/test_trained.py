@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from docvlm.cli import main as cli
-from docvlm.families import IDEFICS3, LLAVA, PALIGEMMA, Family, family_at, family_of_processor
+from docvlm.families import GEMMA3, IDEFICS3, LLAVA, PALIGEMMA, QWEN_VL, Family, family_at, family_of_processor
 from docvlm.prompts import Prompt
 from docvlm.training.collator import IGNORE_INDEX, DocVQACollator
 from tests.test_inference import held_out
@@ -27,6 +27,7 @@ class Case:
     non_label_tokens: tuple[str, ...]  # image markers that must never be labels
     adapted: tuple[str, ...]  # module name parts that get LoRA layers
     frozen: str  # and the one that must not
+    overrides: tuple[str, ...] = ()  # recipe flags the tiny model needs
 
 
 CASES = {
@@ -64,17 +65,73 @@ CASES = {
         "vision_tower",
     ),
 }
+# the recipes' 1,003,520 px would give a tiny page its full ~300 tokens; the fixture's own budget is 64
+TINY_PAGE_BUDGET = ("--image_max_pixels", "50176")
+QWEN_IMAGE_MARKERS = ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>")
+for name, processor_class in (("qwen2-vl", "Qwen2VLProcessor"), ("qwen2.5-vl", "Qwen2_5_VLProcessor")):
+    CASES[name] = Case(
+        f"docvlm:tiny-{name}",
+        f"{name.replace('-', '_').replace('.', '_')}_docvqa_qlora",
+        QWEN_VL,
+        processor_class,
+        "<|im_end|>",
+        54,  # a 300 x 400 page within the fixture's 64-token budget: 9 x 6 tokens of 28 x 28 px
+        QWEN_IMAGE_MARKERS,
+        ("language_model",),
+        "visual",
+        TINY_PAGE_BUDGET,
+    )
+CASES["qwen3-vl"] = Case(
+    "docvlm:tiny-qwen3-vl",
+    "qwen3_vl_docvqa_qlora",
+    QWEN_VL,
+    "Qwen3VLProcessor",
+    "<|im_end|>",
+    54,
+    QWEN_IMAGE_MARKERS,
+    ("language_model",),
+    "visual",
+    TINY_PAGE_BUDGET,
+)
+CASES["granite-docling"] = Case(
+    "docvlm:tiny-granite-docling",
+    "granite_docling_docvqa_lora",
+    IDEFICS3,
+    "Idefics3Processor",
+    "<|end_of_text|>",  # Granite's end of turn, which its chat template writes (SmolVLM's is <end_of_utterance>)
+    16,
+    ("<image>", "<global-img>", "<fake_token_around_image>"),
+    ("text_model", "modality_projection"),
+    "vision_model",
+)
+CASES["gemma3"] = Case(
+    "docvlm:tiny-gemma3",
+    "gemma3_docvqa_qlora",
+    GEMMA3,
+    "Gemma3Processor",
+    "<end_of_turn>",
+    1,  # the processor's placeholder, <start_of_image>, once a page (then 16 soft tokens and <end_of_image>)
+    ("<start_of_image>", "<image_soft_token>", "<end_of_image>"),
+    ("language_model",),
+    "vision_tower",
+)
+
+
+def processor_at(path: str):
+    """The fixture's processor as docvlm loads it (the image-only twin where torchvision does not import)."""
+    from docvlm.recipe.schema import ModelArguments
+    from docvlm.training.modeling import load_processor, model_type_at
+
+    return load_processor(ModelArguments(), path, model_type_at(path))
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
 def case(request):
-    from transformers import AutoProcessor
-
     from docvlm.fixtures import resolve
 
     spec = CASES[request.param]
     path = resolve(spec.fixture)
-    return spec, path, AutoProcessor.from_pretrained(path)
+    return spec, path, processor_at(path)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +147,7 @@ def trained_run(case, tmp_path_factory):
     argv += ["--max_steps", "8", "--gradient_accumulation_steps", "1", "--learning_rate", "2e-3", "--warmup_steps"]
     argv += ["0", "--logging_steps", "1", "--save_strategy", "no", "--eval_compare_base", "false"]
     argv += ["--dataloader_num_workers", "0", "--dataloader_persistent_workers", "false", "--report_to", "none"]
-    trainer, metrics = run(argv)
+    trainer, metrics = run([*argv, *spec.overrides])
     return out, trainer, metrics
 
 
@@ -109,6 +166,7 @@ def test_only_each_answer_and_the_token_that_closes_it_are_labels(case):
     image_token = tok.convert_tokens_to_ids(str(processor.image_token))
     for i, answer in enumerate(ANSWERS):
         assert tok.decode(label_tokens(batch, i)).strip() == f"{answer}{spec.end}"
+        assert batch["input_ids"][i][:2].tolist().count(tok.bos_token_id) <= 1  # a template's own BOS is not doubled
         assert not forbidden & set(label_tokens(batch, i))
         # every image token of the expanded page is in the batch, and none is a label
         image_positions = batch["input_ids"][i] == image_token
@@ -152,7 +210,7 @@ def test_generation_stops_at_the_familys_end_of_turn(case, stops):
 
 @pytest.mark.integration
 def test_an_adapter_merges_and_answers_as_before(case, trained_run, tmp_path):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     from docvlm.evaluation.generation import generate
     from docvlm.inference import load_for_inference
@@ -167,7 +225,7 @@ def test_an_adapter_merges_and_answers_as_before(case, trained_run, tmp_path):
     rows = held_out(6)
     adapted, adapter_processor, prompt, _ = load_for_inference(adapter=str(out))
     want = generate(adapted, adapter_processor, rows, prompt, 8, 3)
-    got = generate(merged, AutoProcessor.from_pretrained(merged_dir), rows, prompt, 8, 3)
+    got = generate(merged, processor_at(str(merged_dir)), rows, prompt, 8, 3)
     assert [a["answer"] for a in got] == [a["answer"] for a in want]
 
 
@@ -204,6 +262,7 @@ def test_every_switch_keeps_loss_and_gradients_or_is_refused(name):
     spec = CASES[name]
     recipe = f"recipes/{spec.recipe}.yaml"
     data = ["--model_name_or_path", spec.fixture, "--dataset_name", "docvlm:tiny-docs", "--max_train_samples", "8"]
+    data += spec.overrides
     off = ["--vision_tower_no_grad", "false", "--vision_tower_pages", "0", "--connector_checkpointing", "false"]
     off += ["--connector_perceiver_pages", "null", "--connector_lean_activations", "false"]
     torch.manual_seed(0)  # the same LoRA initialisation for every model built here

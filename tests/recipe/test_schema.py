@@ -14,7 +14,8 @@ RECIPES = sorted(Path(__file__).resolve().parents[2].joinpath("recipes").glob("*
 def test_shipped_recipes_parse_and_say_how_to_launch(recipe):
     data_args, model_args, training_args, eval_args = parse_recipe(["--config", str(recipe), "--precision", "fp32"])
     assert model_args.model_name_or_path and data_args.dataset_name
-    assert model_args.load_in_4bit and model_args.use_peft
+    quantized = model_args.load_in_4bit or model_args.load_in_8bit
+    assert model_args.use_peft and (quantized or recipe.stem.endswith("_lora"))  # only a *_lora recipe is unquantized
     assert training_args.remove_unused_columns is False
     head = recipe.read_text().splitlines()[:6]
     assert any("Launch" in line for line in head) and any(

@@ -6,7 +6,7 @@ import torch
 
 from docvlm.families import family_of_processor, prompt_text
 from docvlm.pages import pages_of
-from docvlm.prompts import Prompt
+from docvlm.prompts import Prompt, special_tokens_for
 from docvlm.training.precision import autocast_for
 
 
@@ -29,7 +29,7 @@ def generate(
     from tqdm.auto import tqdm
 
     tokenizer = processor.tokenizer
-    stop_ids = family_of_processor(processor).stop_ids(tokenizer)
+    stop_ids = family_of_processor(processor).stop_ids(tokenizer, processor.chat_template)
     device = next(p for p in model.parameters()).device
     was_training = model.training
     model.eval()
@@ -41,7 +41,8 @@ def generate(
         batch_rows = [rows[i] for i in range(start, min(start + batch_size, len(rows)))]
         ims = [pages_of(row, f"Item {start + i}") for i, row in enumerate(batch_rows)]
         prompts = [prompt_text(processor, prompt, row, len(pages)) for row, pages in zip(batch_rows, ims, strict=True)]
-        batch = processor(text=prompts, images=ims, padding=True, padding_side="left", return_tensors="pt")
+        extra = special_tokens_for(tokenizer, prompts)
+        batch = processor(text=prompts, images=ims, padding=True, padding_side="left", return_tensors="pt", **extra)
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast_for(model):
             generated = model.generate(

@@ -6,19 +6,22 @@ from __future__ import annotations
 
 from docvlm.errors import UserError
 from docvlm.families.base import Family
+from docvlm.families.gemma3 import GEMMA3
 from docvlm.families.idefics2 import IDEFICS2
 from docvlm.families.idefics3 import IDEFICS3
 from docvlm.families.llava import LLAVA
 from docvlm.families.paligemma import PALIGEMMA
-from docvlm.families.qwen2_vl import QWEN2_VL
+from docvlm.families.qwen_vl import QWEN_VL
 from docvlm.prompts import Prompt
 
-FAMILIES: tuple[Family, ...] = (IDEFICS2, IDEFICS3, QWEN2_VL, LLAVA, PALIGEMMA)
+FAMILIES: tuple[Family, ...] = (IDEFICS2, IDEFICS3, QWEN_VL, GEMMA3, LLAVA, PALIGEMMA)
 # Processor options a recipe can set (ModelArguments), with the value that means "set".
 PROCESSOR_OPTIONS = {
     "do_image_splitting": lambda args: bool(args.do_image_splitting),
     "image_longest_edge": lambda args: args.image_longest_edge is not None,
     "image_shortest_edge": lambda args: args.image_shortest_edge is not None,
+    "image_min_pixels": lambda args: args.image_min_pixels is not None,
+    "image_max_pixels": lambda args: args.image_max_pixels is not None,
 }
 
 __all__ = ["FAMILIES", "Family", "family_at", "family_of", "family_of_processor", "prompt_text"]

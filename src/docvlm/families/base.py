@@ -15,11 +15,14 @@ class Family:
     name = "a model family"
     model_types: tuple[str, ...] = ()
     processor_classes: tuple[str, ...] = ()
-    # The token that closes an assistant turn in the family's chat template; None: the tokenizer's end of sequence.
-    end_of_turn: str | None = None
+    # The token that closes an assistant turn in the family's chat template; None: the tokenizer's end of sequence; a
+    # tuple: the first of these that the model's chat template writes (None in it: the end of sequence).
+    end_of_turn: str | tuple[str | None, ...] | None = None
     why_not = "docvlm has no family module for it: only switches that do not reach into the model apply"
-    # Processor options a recipe may set (ModelArguments fields) for this family.
+    # Processor options a recipe may set (ModelArguments fields) for this family, and the one that makes a page fewer
+    # tokens (said when a row is over max_length; None: the family's pages have a fixed size).
     processor_options: frozenset[str] = frozenset()
+    smaller_pages: str | None = None
     # Capabilities the speed switches ask for (docvlm.speedups): a tower docvlm can run without grad, one called with
     # keywords (so a few pages at a time), one whose features the cache can serve, and the family's own patches
     # (functions of the model).
@@ -51,24 +54,35 @@ class Family:
     def __repr__(self) -> str:
         return f"<family {self.name}>"
 
-    def end_of_turn_id(self, tokenizer) -> int:
-        """The id that closes an assistant turn, checked against the tokenizer."""
-        if self.end_of_turn is None:
+    def end_of_turn_id(self, tokenizer, chat_template: str | None = None) -> int:
+        """The id that closes an assistant turn, checked against the tokenizer. A family whose models close turns
+        in one of several ways (end_of_turn a tuple) takes the first that `chat_template` writes."""
+        end = self.end_of_turn
+        if isinstance(end, tuple):
+            written = [token for token in end if token is None or chat_template is None or token in chat_template]
+            end = (written or end)[0]
+        if end is None:
             if tokenizer.eos_token_id is None:
                 raise UserError(f"The tokenizer has no end-of-sequence token, which closes a {self.name} answer.")
             return tokenizer.eos_token_id
-        token_id = tokenizer.convert_tokens_to_ids(self.end_of_turn)
+        token_id = tokenizer.convert_tokens_to_ids(end)
         if token_id is None or token_id == tokenizer.unk_token_id:
             raise UserError(
-                f"The tokenizer has no {self.end_of_turn} token, which closes an answer in {self.name} models: "
+                f"The tokenizer has no {end} token, which closes an answer in {self.name} models: "
                 "is the processor the model's own?"
             )
         return token_id
 
-    def stop_ids(self, tokenizer) -> list[int]:
+    def stop_ids(self, tokenizer, chat_template: str | None = None) -> list[int]:
         """Where generation stops: the end of a turn, and the end of the sequence."""
-        ids = [self.end_of_turn_id(tokenizer), tokenizer.eos_token_id]
+        ids = [self.end_of_turn_id(tokenizer, chat_template), tokenizer.eos_token_id]
         return list(dict.fromkeys(i for i in ids if i is not None))
+
+    def load_processor(self, path: str, revision: str | None, model_type: str):
+        """The processor saved at `path` (a folder or a Hub id); `model_type` is the model config's."""
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(path, revision=revision)
 
     def configure_processor(self, processor, model_args) -> None:
         """Set the recipe's processor options (those in processor_options) on a loaded processor."""

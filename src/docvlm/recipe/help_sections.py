@@ -24,6 +24,8 @@ HELP_SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "do_image_splitting",
             "image_longest_edge",
             "image_shortest_edge",
+            "image_min_pixels",
+            "image_max_pixels",
             "attn_implementation",
             "trust_remote_code",
         ),

@@ -40,6 +40,14 @@ class ModelArguments(ModelConfig):
     image_shortest_edge: int | None = field(
         default=None, metadata={"help": "Resize pages so their shortest edge is at least this (None: processor's)."}
     )
+    image_min_pixels: int | None = field(
+        default=None,
+        metadata={"help": "Least page area in pixels, for processors that size pages by area (None: theirs)."},
+    )
+    image_max_pixels: int | None = field(
+        default=None,
+        metadata={"help": "Most page area in pixels, for processors that size pages by area (None: theirs)."},
+    )
     bnb_4bit_compute_dtype: str = field(
         default="auto", metadata={"help": "Matmul dtype of the 4-bit layers; 'auto' follows the training precision."}
     )

@@ -20,7 +20,7 @@ from docvlm.conversations import as_answers, normalize_messages
 from docvlm.errors import UserError
 from docvlm.families import family_of_processor
 from docvlm.pages import PageProblem, pages_of
-from docvlm.prompts import Prompt, prompt_messages, question_of, text_message
+from docvlm.prompts import Prompt, prompt_messages, question_of, special_tokens_for, text_message
 
 IGNORE_INDEX = -100
 
@@ -43,7 +43,7 @@ class DocVQACollator:
         self.answer_choice = answer_choice
         self.rng = random.Random(seed)
         self.family = family_of_processor(processor)
-        self.end_of_turn_id = self.family.end_of_turn_id(self.tokenizer)
+        self.end_of_turn_id = self.family.end_of_turn_id(self.tokenizer, processor.chat_template)
         # the placeholder the chat template writes per image, and the special tokens the processor may expand it to
         self.image_token_ids = {self.tokenizer.convert_tokens_to_ids(str(getattr(processor, "image_token", "<image>")))}
         self.special_ids = set(self.tokenizer.all_special_ids) | {
@@ -65,7 +65,10 @@ class DocVQACollator:
         conversations, images = self._conversations_and_images(rows)
         texts = [self.processor.apply_chat_template(turns) for turns in conversations]
         # No truncation: cutting image tokens breaks the model ("Image features and image tokens do not match").
-        batch = self.processor(text=texts, images=images, padding=True, padding_side="right", return_tensors="pt")
+        extra = special_tokens_for(self.tokenizer, texts)
+        batch = self.processor(
+            text=texts, images=images, padding=True, padding_side="right", return_tensors="pt", **extra
+        )
         batch["labels"] = self._answer_labels(batch, conversations, texts, rows)
         return batch
 
@@ -101,7 +104,8 @@ class DocVQACollator:
     def chat_lengths(self, rows: list[dict]) -> list[int]:
         conversations, images = self._conversations_and_images(rows)
         texts = [self.processor.apply_chat_template(turns) for turns in conversations]
-        return [len(ids) for ids in self.processor(text=texts, images=images)["input_ids"]]
+        extra = special_tokens_for(self.tokenizer, texts)
+        return [len(ids) for ids in self.processor(text=texts, images=images, **extra)["input_ids"]]
 
     def conversation(self, row: dict, where: str, pages: int) -> list[dict]:
         """The whole training conversation of a row: its prompt turns and the answer(s)."""
@@ -142,11 +146,12 @@ class DocVQACollator:
         for i, (length, turns, text) in enumerate(zip(lengths, conversations, texts, strict=True)):
             where = f"Row {rows[i].get('row', '?')}"
             if self.max_length is not None and length > self.max_length:
+                fewer = f" or {self.family.smaller_pages}" if self.family.smaller_pages else ""
                 raise UserError(
                     f"{where} is {length} tokens, over max_length={self.max_length}. Raise max_length in the "
-                    "recipe or lower image_longest_edge; image tokens cannot be truncated."
+                    f"recipe{fewer}; image tokens cannot be truncated."
                 )
-            plain = self.tokenizer(text)["input_ids"]
+            plain = self.tokenizer(text, **special_tokens_for(self.tokenizer, [text]))["input_ids"]
             plain_labels = [IGNORE_INDEX] * len(plain)
             for start, end in self._assistant_spans(turns, plain, where):
                 plain_labels[start:end] = plain[start:end]
@@ -166,15 +171,17 @@ class DocVQACollator:
                     labels[i, e_end - back] = label
         return labels
 
+    def _tokens(self, text: str) -> list[int]:
+        return self.tokenizer(text, **special_tokens_for(self.tokenizer, [text]))["input_ids"]
+
     def _assistant_spans(self, turns, plain, where):
         """(start, end) token ranges of each assistant turn in the unexpanded tokens, through its end token; the
         "\\n" a template puts after that token is not the answer."""
         for k, turn in enumerate(turns):
             if turn["role"] != "assistant":
                 continue
-            before = self.tokenizer(self.processor.apply_chat_template(turns[:k], add_generation_prompt=True))
-            through = self.tokenizer(self.processor.apply_chat_template(turns[: k + 1]))
-            before, through = before["input_ids"], through["input_ids"]
+            before = self._tokens(self.processor.apply_chat_template(turns[:k], add_generation_prompt=True))
+            through = self._tokens(self.processor.apply_chat_template(turns[: k + 1]))
             if through[: len(before)] != before or plain[: len(before)] != before:
                 raise UserError(f"{where}: an answer changes how the prompt is tokenized; cannot mask it.")
             answer = through[len(before) :]

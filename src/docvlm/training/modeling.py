@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from docvlm.errors import UserError
-from docvlm.families import family_of_processor
+from docvlm.families import family_of
 from docvlm.fixtures import resolve
 from docvlm.hub import check_source
 from docvlm.recipe.schema import ModelArguments
@@ -23,16 +23,23 @@ def model_path(args: ModelArguments) -> str:
     return path
 
 
-def load_processor(args: ModelArguments, path: str):
-    """The model's processor, with the recipe's processor options set by its family (which refuses those it does
-    not have, docvlm.families.refuse_processor_options) and a padding token."""
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(path, revision=args.model_revision)
-    family_of_processor(processor).configure_processor(processor, args)
+def load_processor(args: ModelArguments, path: str, model_type: str):
+    """The processor saved at `path` for a model of `model_type`, loaded by the model's family, with the recipe's
+    processor options set by it (which refuses those it does not have, docvlm.families.refuse_processor_options)
+    and a padding token."""
+    family = family_of(model_type)
+    processor = family.load_processor(path, args.model_revision, model_type)
+    family.configure_processor(processor, args)
     if processor.tokenizer.pad_token is None:
         processor.tokenizer.pad_token = processor.tokenizer.unk_token
     return processor
+
+
+def model_type_at(path: str, revision: str | None = None, trust_remote_code: bool = False) -> str:
+    """The model type in the config at `path` (a folder or a Hub id)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code).model_type
 
 
 def quantization_config(args: ModelArguments, compute_dtype: torch.dtype):

@@ -42,6 +42,7 @@ class Idefics2(Family):
     processor_classes = ("Idefics2Processor",)
     end_of_turn = "<end_of_utterance>"
     processor_options = frozenset({"do_image_splitting", "image_longest_edge", "image_shortest_edge"})
+    smaller_pages = "lower image_longest_edge"
     frozen_tower = True
     tower_in_chunks = True
     feature_cache = True
