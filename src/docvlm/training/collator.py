@@ -151,7 +151,7 @@ class DocVQACollator:
                     f"{where} is {length} tokens, over max_length={self.max_length}. Raise max_length in the "
                     f"recipe{fewer}; image tokens cannot be truncated."
                 )
-            plain = self.tokenizer(text, **special_tokens_for(self.tokenizer, [text]))["input_ids"]
+            plain = self._tokens(text)
             plain_labels = [IGNORE_INDEX] * len(plain)
             for start, end in self._assistant_spans(turns, plain, where):
                 plain_labels[start:end] = plain[start:end]
