@@ -654,7 +654,7 @@ def child(args) -> None:
     from accelerate import PartialState
 
     model_dir, data_dir = fixtures(args.model, args.pages)
-    if args.model in architectures.ARCHITECTURES and args.child.startswith("baseline"):
+    if args.model in architectures.ARCHITECTURES and args.child.split()[0] == "baseline":
         # the family's usual setup without docvlm: "baseline" or "baseline <max_pixels>"
         _, *budget = args.child.split()
         timer = step_timer(args.warmup, args.steps)
@@ -765,6 +765,13 @@ def main(argv: list[str] | None = None) -> int:
             f"docvlm bench: the {args.model} benchmark needs a CUDA GPU (it builds and trains a model of billions of "
             "parameters). "
             "For a CPU smoke run of the same code: python -m benchmarks.bench --model tiny --steps 1 --warmup 1",
+            file=sys.stderr,
+        )
+        return 2
+    if args.model in architectures.ARCHITECTURES and any(s.split()[0] == "baseline-masked" for s in args.setups):
+        print(
+            f"docvlm bench: 'baseline-masked' is the Idefics2 notebook's; {args.model}'s baseline is 'baseline' (its "
+            "family's TRL-style setup, benchmarks/architectures.py).",
             file=sys.stderr,
         )
         return 2
