@@ -2,9 +2,9 @@
 
 The stock processors (Qwen2VLProcessor, Qwen2_5_VLProcessor, Qwen3VLProcessor) check a video processor in their
 constructor, and transformers can build none without torchvision, so the stock processor cannot be made there at
-all. docvlm trains on pages only: the image-only twin takes the same PIL image processor, tokenizer and chat
-template, gives the same token counts and pixel values, and keeps the stock class's name, so that what it saves loads
-as the stock processor wherever torchvision is installed (every GPU machine)."""
+all. docvlm trains on pages only: the image-only twin takes the PIL image processor, the tokenizer and the chat
+template, gives the same tokens (pages resized by PIL rather than torchvision), and keeps the stock class's name, so
+that what it saves loads as the stock processor wherever torchvision is installed (every GPU machine)."""
 
 from __future__ import annotations
 
