@@ -73,13 +73,18 @@ def test_the_lean_forward_launches_three_kernels_fewer_a_layer_call():
     assert peft_launches - launches(model, batch) >= 3 * layer_calls > 0
 
 
+def make_adapter_visible(model) -> None:
+    """Non-zero LoRA B matrices, so that the model with and without its adapter differ."""
+    for module in model.modules():
+        if hasattr(module, "lora_B"):
+            torch.nn.init.normal_(module.lora_B["default"].weight, std=0.05)
+
+
 def test_disabled_merged_or_mixed_adapters_take_peft_s_forward():
     from docvlm.speedups.lean_lora import lean_lora_forward
 
     model, batch = lora_model_and_batch()
-    for module in model.modules():  # a visible adapter, so that with and without it differ
-        if hasattr(module, "lora_B"):
-            torch.nn.init.normal_(module.lora_B["default"].weight, std=0.05)
+    make_adapter_visible(model)
     model.eval()
     with torch.no_grad():
         adapted = model(**batch).logits
@@ -110,9 +115,7 @@ def test_a_merged_adapter_takes_peft_s_forward_and_is_not_added_twice():
 
     torch.manual_seed(0)
     model, batch = peft_tiny_model_and_batch(4, "recipes/tiny_docvqa.yaml", "--load_in_4bit", "false")
-    for module in model.modules():  # a visible adapter
-        if hasattr(module, "lora_B"):
-            torch.nn.init.normal_(module.lora_B["default"].weight, std=0.05)
+    make_adapter_visible(model)
     model.eval()
     with torch.no_grad():
         adapted = model(**batch).logits
