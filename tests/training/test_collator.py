@@ -194,3 +194,24 @@ def test_a_page_that_no_longer_reads_is_skipped_in_its_batch_not_a_crash(process
     assert "Row 1: skipped in this batch, its page cannot be read now" in capsys.readouterr().err
     with pytest.raises(UserError, match=r"No row of this batch can be read any more \(1\)"):
         collator(rows[1:])
+
+
+@pytest.mark.parametrize(
+    ("fixture", "longest_edge", "end"),
+    [("docvlm:tiny-idefics3", 224, "<end_of_utterance>"), ("docvlm:tiny-granite-docling", 512, "<|end_of_text|>")],
+)
+def test_pages_split_into_crops_keep_labels_on_the_answer_alone(fixture, longest_edge, end):
+    # Idefics3's processor writes newlines between rows of crops: they are the image's, not a text segment
+    from docvlm.fixtures import resolve
+    from docvlm.recipe.schema import ModelArguments
+    from docvlm.training.modeling import load_processor, model_type_at
+
+    path = resolve(fixture)
+    options = ModelArguments(do_image_splitting=True, image_longest_edge=longest_edge)
+    split = load_processor(options, path, model_type_at(path))
+    collator = DocVQACollator(split, "Answer briefly.", max_length=2048, answer_choice="first")
+    batch = collator(rows_for(ANSWERS[:3], image=page(size=(600, 800))))
+    tokens = split.tokenizer.convert_ids_to_tokens(batch["input_ids"][0])
+    assert "<row_2_col_2>" in tokens  # the page was split into at least 2 x 2 crops
+    for i, answer in enumerate(ANSWERS[:3]):
+        assert split.tokenizer.decode(label_tokens(batch, i)) == f"{answer}{end}"

@@ -157,8 +157,8 @@ class DocVQACollator:
                 plain_labels[start:end] = plain[start:end]
             expanded = input_ids[i, :length].tolist()
             image_tokens = self.image_token_ids | (self.special_ids & set(expanded)) - set(plain)
-            plain_segments = _text_segments(plain, self.image_token_ids)
-            expanded_segments = _text_segments(expanded, image_tokens)
+            plain_segments = _text_segments(plain, self.image_token_ids, self._is_blank)
+            expanded_segments = _text_segments(expanded, image_tokens, self._is_blank)
             if len(plain_segments) != len(expanded_segments):
                 raise RuntimeError(f"{where}: the processor expanded the images into an unexpected layout.")
             for (p_start, p_end), (e_start, e_end) in zip(plain_segments, expanded_segments, strict=True):
@@ -170,6 +170,9 @@ class DocVQACollator:
                         raise RuntimeError(f"{where}: processor and tokenizer disagree on the answer tokens.")
                     labels[i, e_end - back] = label
         return labels
+
+    def _is_blank(self, ids: list[int]) -> bool:
+        return not self.tokenizer.decode(ids).strip()
 
     def _tokens(self, text: str) -> list[int]:
         return self.tokenizer(text, **special_tokens_for(self.tokenizer, [text]))["input_ids"]
@@ -196,15 +199,18 @@ class DocVQACollator:
             yield len(before), end
 
 
-def _text_segments(ids: list[int], image_tokens: set[int]) -> list[tuple[int, int]]:
-    """(start, end) of the runs of tokens between images (runs of image tokens), one more than there are images."""
-    segments, start = [], 0
+def _text_segments(ids: list[int], image_tokens: set[int], is_blank) -> list[tuple[int, int]]:
+    """(start, end) of the runs of tokens between images (runs of image tokens): the text before the first image,
+    after the last, and between two images unless it is only whitespace (`is_blank`). A processor that splits a page
+    into crops writes newlines between its rows of crops (some do), which belong to the image, not the text."""
+    runs, start = [], 0
     for position, token in enumerate(ids):
         if token in image_tokens:
             if start is not None:
-                segments.append((start, position))
+                runs.append((start, position))
                 start = None
         elif start is None:
             start = position
-    segments.append((start if start is not None else len(ids), len(ids)))
-    return segments
+    runs.append((start if start is not None else len(ids), len(ids)))
+    inner = runs[1:-1]
+    return [runs[0], *(r for r in inner if not is_blank(ids[r[0] : r[1]])), runs[-1]] if inner else runs
