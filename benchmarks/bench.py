@@ -197,8 +197,6 @@ def step_timer(warmup: int, steps: int, profile: bool = False, memory_profile: b
             from docvlm.flops import batch_shapes
 
             family = family_of(model.config.model_type)
-            if family.training_flops is None:
-                return
             config = model.config
             self.flops_of = lambda shapes: family.training_flops(config, shapes, tower_runs)
             patch = config.vision_config.patch_size

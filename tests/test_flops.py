@@ -1,5 +1,6 @@
 """What a step computes (docvlm.flops): the batch's real sizes, and the cards MFU is measured against."""
 
+import pytest
 import torch
 
 from docvlm.flops import CARDS, as_shapes, batch_shapes, card_of
@@ -42,3 +43,68 @@ def test_cards_are_found_by_the_name_torch_gives_them():
     assert card_of("NVIDIA A100-SXM4-40GB") is CARDS["a100-40gb"]
     assert card_of("Tesla T4") is CARDS["t4-16gb"] and not CARDS["t4-16gb"].bf16
     assert card_of("Some Future GPU") is None
+
+
+def test_batch_shapes_read_qwen_grids_and_fixed_size_images():
+    from docvlm.flops import as_shapes, batch_shapes
+
+    mask = torch.ones(2, 10)
+    grid = {"attention_mask": mask, "image_grid_thw": torch.tensor([[1, 4, 6], [1, 2, 2]])}
+    assert as_shapes(batch_shapes(grid, 14)) == as_shapes([20, 110, 2, 28, 24**2 + 4**2])
+    fixed = {"attention_mask": mask, "pixel_values": torch.zeros(2, 3, 336, 336)}
+    assert as_shapes(batch_shapes(fixed, 14))["patches"] == 2 * 24 * 24
+
+
+@pytest.mark.parametrize("fixture", ["docvlm:tiny-qwen2.5-vl", "docvlm:tiny-qwen3-vl", "docvlm:tiny-llava"])
+def test_the_counted_decoder_flops_are_what_torch_counts(fixture):
+    """The decoder and the tower of a tiny model, counted against torch's FLOP counter: the decoder exactly (its
+    training cost is its forward's linear FLOPs twice and its attention's three times), the tower forward within
+    what torch counts (a gated tower MLP's third matrix and the connector are left out) and at least most of it."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoConfig, AutoModel
+
+    from docvlm.fixtures import resolve
+    from docvlm.flops import counted_training_flops
+
+    config = AutoConfig.from_pretrained(resolve(fixture))
+    decoder = AutoModel.from_config(config.text_config, attn_implementation="eager")  # torch counts its matmuls
+    length = 24
+    with FlopCounterMode(display=False) as counter:
+        decoder(inputs_embeds=torch.zeros(1, length, config.text_config.hidden_size))
+    counts = {str(op): flops for op, flops in counter.get_flop_counts()["Global"].items()}
+    linear = counts.pop("aten.mm", 0) + counts.pop("aten.addmm", 0)  # Qwen's q, k and v have biases
+    attention = counts.pop("aten.bmm", 0) + counts.pop("aten.matmul", 0)
+    assert not counts, counts
+    text_only = dict(tokens=length, causal_pairs=length**2, pages=0, patches=0, patch_pairs=0)
+    assert counted_training_flops(config, text_only) == 2 * linear + 3 * attention
+
+    assert counted_training_flops(config, text_only, tower_runs=False) == 2 * linear + 3 * attention
+
+
+def tower_call(fixture, tower, config):
+    """One 112 x 112 page (8 x 8 patches of 14 px) through the tower, as the model calls it."""
+    if fixture == "docvlm:tiny-llava":
+        return lambda: tower(pixel_values=torch.zeros(1, 3, 112, 112))
+    vision = config.vision_config
+    grid = torch.tensor([[1, 8, 8]])
+    pixels = torch.zeros(64, 3 * vision.temporal_patch_size * vision.patch_size**2)
+    return lambda: tower(pixels, grid_thw=grid)
+
+
+@pytest.mark.parametrize("fixture", ["docvlm:tiny-qwen2.5-vl", "docvlm:tiny-llava"])
+def test_the_counted_tower_flops_are_most_of_what_torch_counts_and_never_more(fixture):
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoConfig, AutoModel
+
+    from docvlm.fixtures import resolve
+    from docvlm.flops import counted_training_flops
+    from docvlm.speedups.model_parts import vision_tower
+
+    config = AutoConfig.from_pretrained(resolve(fixture))
+    tower = vision_tower(AutoModel.from_config(config, attn_implementation="eager"))
+    with FlopCounterMode(display=False) as counter:
+        tower_call(fixture, tower, config)()
+    torch_counts = sum(counter.get_flop_counts()["Global"].values())
+    page = dict(tokens=0, causal_pairs=0, pages=1, patches=64, patch_pairs=64**2)
+    counted = counted_training_flops(config, page, tower_runs=True) - counted_training_flops(config, page, False)
+    assert 0.6 * torch_counts <= counted <= torch_counts

@@ -39,21 +39,59 @@ def card_of(device_name: str) -> Card | None:
 def batch_shapes(inputs: dict, patch_size: int) -> torch.Tensor:
     """The real sizes a model call computes on, as one tensor on the batch's device (read later, so that counting
     never waits for the GPU): text tokens, causal attention pairs, pages, image patches and patch attention pairs.
-    Padding tokens and the padded part of a page are not counted."""
+    Padding tokens and the padded part of a page are not counted. Pages come as a pixel mask (padded pages), as
+    a grid of patches each (`image_grid_thw`) or as fixed-size images."""
     mask = inputs["attention_mask"]
     lengths = mask.sum(dim=1).double()
     sizes = [lengths.sum(), (lengths * (lengths + 1) / 2).sum()]
-    pixel_mask = inputs.get("pixel_attention_mask")
-    if pixel_mask is None:
-        zero = lengths.new_zeros(())
-        sizes += [zero, zero, zero]
-    else:
+    pixel_mask, grid, pixels = (
+        inputs.get("pixel_attention_mask"),
+        inputs.get("image_grid_thw"),
+        inputs.get("pixel_values"),
+    )
+    if pixel_mask is not None:
         pixel_mask = pixel_mask.flatten(0, -3)  # every page, as (pages, height, width)
         rows = pixel_mask.any(dim=-1).sum(dim=-1) // patch_size
         cols = pixel_mask.any(dim=-2).sum(dim=-1) // patch_size
         patches = (rows * cols).double()
-        sizes += [(patches > 0).sum().double(), patches.sum(), (patches * patches).sum()]
+    elif grid is not None:
+        patches = grid.prod(dim=-1).double()  # (time, height, width) in patches, a row per image
+    elif pixels is not None and pixels.dim() >= 4:
+        pages = pixels.shape[:-3].numel()
+        patches = pixels.new_full((pages,), (pixels.shape[-2] // patch_size) * (pixels.shape[-1] // patch_size))
+        patches = patches.double()
+    else:
+        zero = lengths.new_zeros(())
+        return torch.stack([*sizes, zero, zero, zero])
+    sizes += [(patches > 0).sum().double(), patches.sum(), (patches * patches).sum()]
     return torch.stack(sizes)
+
+
+def counted_training_flops(config, shapes: dict, tower_runs: bool = True) -> float:
+    """Model FLOPs of one training micro-batch counted from the decoder's and the vision tower's sizes in `config`
+    and the batch's real sizes (`batch_shapes`), for a family without its own count. The decoder runs forward and
+    backward on frozen weights (a linear layer's backward is one matmul, the input gradient; an attention's is
+    two); the tower forward only, and not where a feature cache replaced it. Left out, so that MFU is never
+    overstated: the connector, LoRA's matmuls, a gated tower MLP's third matrix, recomputation by checkpointing."""
+    text, vision = config.text_config, config.vision_config
+    d, heads = text.hidden_size, text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or d // heads
+    kv = text.num_key_value_heads * head_dim
+    layers = text.num_hidden_layers
+    linear = 2 * layers * (2 * d * heads * head_dim + 2 * d * kv + 3 * d * text.intermediate_size) * shapes["tokens"]
+    attention = 4 * heads * head_dim * layers * shapes["causal_pairs"]
+    flops = 2 * linear + 3 * attention
+    if tower_runs and shapes["patches"]:
+        dv = getattr(vision, "embed_dim", None) or vision.hidden_size  # some towers name their width embed_dim
+        inner = getattr(vision, "intermediate_size", None) or int(dv * vision.mlp_ratio)
+        depth = getattr(vision, "num_hidden_layers", None) or vision.depth
+        full = len(getattr(vision, "fullatt_block_indexes", None) or ()) or depth
+        window = (getattr(vision, "window_size", 0) // vision.patch_size) ** 2  # a tower's windowed layers
+        channels = 3 * getattr(vision, "temporal_patch_size", 1)  # patches a few frames deep
+        flops += 2 * channels * vision.patch_size**2 * dv * shapes["patches"]  # the patch embedding
+        flops += 2 * depth * (4 * dv * dv + 2 * dv * inner) * shapes["patches"]
+        flops += 4 * dv * (full * shapes["patch_pairs"] + (depth - full) * window * shapes["patches"])
+    return float(flops)
 
 
 SHAPE_KEYS = ("tokens", "causal_pairs", "pages", "patches", "patch_pairs")

@@ -34,8 +34,6 @@ class Family:
     half_precision_connector_input = None
     fuse_rms_norms = None
     compile_decoder_layers = None
-    # (config, batch shapes, tower_runs) -> model FLOPs of a training micro-batch; None: not counted (bench, plan)
-    training_flops = None
     # `docvlm plan`'s memory and step-time model, calibrated with `make bench` (docvlm.families.idefics2.memory is
     # one); None: plan predicts neither
     memory_model = None
@@ -50,6 +48,13 @@ class Family:
             if not hasattr(type(self), key):
                 raise TypeError(f"A family has no {key!r}.")
             setattr(self, key, value)
+
+    def training_flops(self, config, shapes: dict, tower_runs: bool = True) -> float:
+        """Model FLOPs of a training micro-batch (bench's MFU, plan's step time), counted from the decoder's and the
+        tower's sizes (docvlm.flops); a family with more to count (a perceiver connector) counts its own."""
+        from docvlm.flops import counted_training_flops
+
+        return counted_training_flops(config, shapes, tower_runs)
 
     def __repr__(self) -> str:
         return f"<family {self.name}>"
