@@ -1,5 +1,7 @@
 """The other architectures `make bench` builds, on the CPU: their sizes, and their baseline's collator."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image
@@ -7,18 +9,56 @@ from PIL import Image
 from benchmarks import architectures, bench
 
 
-def test_qwen2_5_vl_7b_architecture_has_8_3b_parameters():
+@pytest.mark.parametrize("name", list(architectures.ARCHITECTURES))
+def test_each_architecture_has_its_published_parameter_count(name):
     import transformers
 
-    from docvlm.fixtures.qwen_vl import qwen_tokenizer, token_ids
-
-    spec = architectures.QWEN2_5_VL_7B
-    config = transformers.Qwen2_5_VLConfig(
-        text_config=spec["text"], vision_config=spec["vision"], **token_ids(qwen_tokenizer())
-    )
+    architecture = architectures.ARCHITECTURES[name]
     with torch.device("meta"):
-        model = transformers.Qwen2_5_VLForConditionalGeneration(config)
-    assert round(sum(p.numel() for p in model.parameters()) / 1e9, 2) == 8.29  # Qwen2.5-VL-7B-Instruct's count
+        model = transformers.AutoModelForImageTextToText.from_config(architectures.real_config(architecture))
+    billions = sum(p.numel() for p in model.parameters()) / 1e9  # tied embeddings count once
+    assert billions == pytest.approx(architecture.parameters, rel=0.005)
+
+
+# Image tokens of one 1700 x 2200 page at each model's recipe's page size: a page split into 4 x 4 crops and the
+# whole page (Idefics3), one fixed-size image, or Qwen's 28 (32) px tokens within the recipe's budget
+PAGE_TOKENS = {
+    "qwen2.5-vl-7b": 1240,
+    "qwen2-vl-2b": 1240,
+    "qwen3-vl-4b": 945,
+    "gemma3-4b": 256,
+    "paligemma-3b-448": 1024,
+    "llava-1.5-7b": 576,
+    "smolvlm-2b": 17 * 81,
+    "granite-docling-258m": 17 * 64,
+}
+
+
+@pytest.mark.parametrize("name", list(architectures.ARCHITECTURES))
+def test_each_architecture_with_its_recipe_makes_the_real_models_image_tokens_a_page(name, tmp_path):
+    import dataclasses
+
+    import yaml
+
+    from docvlm.recipe.schema import ModelArguments
+    from docvlm.training.modeling import load_processor
+
+    architecture = architectures.ARCHITECTURES[name]
+    config = architectures.real_config(architecture)
+    config.save_pretrained(tmp_path)
+    architectures.real_processor(architecture).save_pretrained(tmp_path)
+    recipe = yaml.safe_load(Path(f"recipes/{architecture.recipe}.yaml").read_text())
+    options = {f.name: recipe[f.name] for f in dataclasses.fields(ModelArguments) if f.name in recipe}
+    processor = load_processor(ModelArguments(**options), str(tmp_path), config.model_type)  # as the recipe does
+    page = Image.new("RGB", (1700, 2200), "white")
+    if config.model_type == "paligemma":
+        text = "What is the date?"  # PaliGemma's processor puts the image tokens before the prompt itself
+    else:
+        chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is the date?"}]}]
+        text = processor.apply_chat_template(chat, add_generation_prompt=True)
+    batch = processor(text=[text], images=[[page]], return_tensors="pt")
+    image_token = getattr(config, "image_token_id", None) or config.image_token_index
+    assert (batch["input_ids"] == image_token).sum().item() == PAGE_TOKENS[name]
 
 
 def test_the_trl_style_baseline_trains_on_the_whole_chat_less_padding_and_image_tokens():
