@@ -231,3 +231,38 @@ def test_plan_stops_with_the_errors_training_gives(tmp_path, capsys):
     assert str(training_error.value) in capsys.readouterr().err
     assert plan.main(["--config", "recipes/tiny_docvqa.yaml", "--no_such_field", "1"]) == 2
     assert "no_such_field" in capsys.readouterr().err
+
+
+def test_tied_embeddings_are_counted_once_in_the_plans_skeleton():
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from docvlm.fixtures import resolve
+
+    config = AutoConfig.from_pretrained(resolve("docvlm:tiny-qwen2-vl"), tie_word_embeddings=True)
+    real = AutoModelForImageTextToText.from_config(config)
+    assert real.lm_head.weight is real.get_input_embeddings().weight
+    skeleton = plan.meta_model(config, trust_remote_code=False)
+    assert sum(p.numel() for p in skeleton.parameters()) == sum(p.numel() for p in real.parameters())
+    assert all(p.device == torch.device("meta") for p in skeleton.parameters())
+
+
+def test_image_tokens_count_what_the_processors_placeholder_expands_into():
+    """Gemma 3's processor writes one <start_of_image> placeholder that it expands into the model's image tokens."""
+    from transformers import AutoConfig
+
+    from docvlm.data import load_splits
+    from docvlm.fixtures.gemma3 import TINY_GEMMA3_IMAGE_TOKENS
+    from docvlm.recipe.parse import parse_recipe
+    from docvlm.training.modeling import load_processor, model_path
+
+    data_args, model_args, _, _ = parse_recipe(
+        ["--config", "recipes/tiny_docvqa.yaml", "--model_name_or_path", "docvlm:tiny-gemma3"]
+    )
+    path = model_path(model_args)
+    config = AutoConfig.from_pretrained(path)
+    rows, _ = load_splits(data_args, need_eval=False)
+    processor = load_processor(model_args, path, config.model_type)
+    stats = plan.measure_sample(rows.select(range(4)), processor, data_args, config.vision_config.patch_size, config)
+    assert stats.image_tokens == [1 + TINY_GEMMA3_IMAGE_TOKENS] * 4  # the <start_of_image> marker and the image
+    assert stats.patches == [(112 // 14) ** 2] * 4  # one fixed-size 112 px image of 14 px patches a row

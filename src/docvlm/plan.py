@@ -57,16 +57,18 @@ def _describe(values: list[int]) -> str:
     return f"mean {statistics.fmean(values):7.1f} | p95 {_p95(values):6d} | max {max(values):6d}"
 
 
-def measure_sample(rows, processor, data_args, patch_size: int | None) -> SampleStats:
-    """Token, page and patch counts of each row, as a training batch of that row holds them."""
+def measure_sample(rows, processor, data_args, patch_size: int | None, config=None) -> SampleStats:
+    """Token, page and patch counts of each row, as a training batch of that row holds them. Image tokens are the
+    processor's placeholder and the model's image token (which the placeholder may expand into)."""
     import torch
 
-    from docvlm.flops import as_shapes, batch_shapes
+    from docvlm.flops import as_shapes, batch_shapes, largest_page_patches
     from docvlm.prompts import Prompt
     from docvlm.training.collator import DocVQACollator
 
     collator = DocVQACollator(processor, Prompt.of(data_args), None, "first")
-    image_ids = torch.tensor(sorted(collator.image_token_ids))
+    model_image_token = getattr(config, "image_token_id", None) or getattr(config, "image_token_index", None)
+    image_ids = torch.tensor(sorted(collator.image_token_ids | ({model_image_token} - {None})))
     stats = SampleStats(len(rows), [], [], [], [], [], 0)
     for row in rows:
         batch = collator([row])
@@ -76,12 +78,11 @@ def measure_sample(rows, processor, data_args, patch_size: int | None) -> Sample
         stats.image_tokens.append(images)
         stats.answer_tokens.append(answer)
         stats.prompt_tokens.append(len(ids) - images - answer)
-        if patch_size and "pixel_attention_mask" in batch:
+        if patch_size and "pixel_values" in batch:
             shapes = as_shapes(batch_shapes(batch, patch_size))
             stats.pages.append(int(shapes["pages"]))
             stats.patches.append(int(shapes["patches"]))
-            grid = batch["pixel_values"].shape[-2] // patch_size * (batch["pixel_values"].shape[-1] // patch_size)
-            stats.largest_page_patches = max(stats.largest_page_patches, grid)
+            stats.largest_page_patches = max(stats.largest_page_patches, largest_page_patches(batch, patch_size))
     return stats
 
 
@@ -198,7 +199,7 @@ def plan(argv: list[str]) -> int:
     if len(kept) == 0:
         raise UserError(f"Every sampled training row of {data_args.dataset_name} was skipped: see the problems above.")
     vision = getattr(config, "vision_config", None)
-    stats = measure_sample(kept, prepared.processor, data_args, getattr(vision, "patch_size", None))
+    stats = measure_sample(kept, prepared.processor, data_args, getattr(vision, "patch_size", None), config)
     nested = bool(model_args.load_in_4bit and model_args.use_bnb_nested_quant)
     memory_model = family.memory_model
     calibration = memory_model.calibration if memory_model else {}
@@ -250,7 +251,9 @@ def meta_model(config, trust_remote_code: bool):
     from transformers import AutoModelForImageTextToText
 
     with init_empty_weights():
-        return AutoModelForImageTextToText.from_config(config, trust_remote_code=trust_remote_code)
+        skeleton = AutoModelForImageTextToText.from_config(config, trust_remote_code=trust_remote_code)
+    skeleton.tie_weights()  # built on empty weights, tied embeddings are two tensors (counted twice) until tied
+    return skeleton
 
 
 def tower_modules(skeleton) -> tuple[str, ...]:

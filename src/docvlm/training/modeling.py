@@ -184,6 +184,7 @@ def check_lora_targets(args: ModelArguments, path: str, trust_remote_code: bool 
         config = AutoConfig.from_pretrained(path, revision=args.model_revision, trust_remote_code=trust_remote_code)
     with whole_model_loading(), init_empty_weights():
         skeleton = AutoModelForImageTextToText.from_config(config, trust_remote_code=trust_remote_code)
+    skeleton.tie_weights()  # built on empty weights, tied embeddings are two tensors until tied
     linear = [name for name, module in skeleton.named_modules() if isinstance(module, torch.nn.Linear)]
     key = "lora_target_regex" if args.lora_target_regex else "lora_target_modules"
     if isinstance(targets, str):  # peft reads a string as a regex over the full module name
