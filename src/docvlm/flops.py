@@ -67,6 +67,22 @@ def batch_shapes(inputs: dict, patch_size: int) -> torch.Tensor:
     return torch.stack(sizes)
 
 
+def largest_page_patches(inputs: dict, patch_size: int) -> int:
+    """The patches of the batch's largest page as the tower takes it (padded pages at their padded size)."""
+    grid = inputs.get("image_grid_thw")
+    if grid is not None:
+        return int(grid.prod(dim=-1).max())
+    pixels = inputs["pixel_values"]
+    return (pixels.shape[-2] // patch_size) * (pixels.shape[-1] // patch_size)
+
+
+def tower_sizes(vision) -> tuple[int, int, int]:
+    """(width, MLP width, layers) of a vision tower's config, whatever names its family gives them."""
+    width = getattr(vision, "embed_dim", None) or vision.hidden_size  # some towers name their width embed_dim
+    inner = getattr(vision, "intermediate_size", None) or int(width * vision.mlp_ratio)
+    return width, inner, getattr(vision, "num_hidden_layers", None) or vision.depth
+
+
 def counted_training_flops(config, shapes: dict, tower_runs: bool = True) -> float:
     """Model FLOPs of one training micro-batch counted from the decoder's and the vision tower's sizes in `config`
     and the batch's real sizes (`batch_shapes`), for a family without its own count. The decoder runs forward and
@@ -82,9 +98,7 @@ def counted_training_flops(config, shapes: dict, tower_runs: bool = True) -> flo
     attention = 4 * heads * head_dim * layers * shapes["causal_pairs"]
     flops = 2 * linear + 3 * attention
     if tower_runs and shapes["patches"]:
-        dv = getattr(vision, "embed_dim", None) or vision.hidden_size  # some towers name their width embed_dim
-        inner = getattr(vision, "intermediate_size", None) or int(dv * vision.mlp_ratio)
-        depth = getattr(vision, "num_hidden_layers", None) or vision.depth
+        dv, inner, depth = tower_sizes(vision)
         full = len(getattr(vision, "fullatt_block_indexes", None) or ()) or depth
         window = (getattr(vision, "window_size", 0) // vision.patch_size) ** 2  # a tower's windowed layers
         channels = 3 * getattr(vision, "temporal_patch_size", 1)  # patches a few frames deep

@@ -6,10 +6,12 @@ is called with the whole batch at once (run without grad, but whole); its projec
 from __future__ import annotations
 
 from docvlm.families.base import Family
+from docvlm.families.sized_memory import SIZED_MEMORY_MODEL
 
 
 class Gemma3(Family):
     name = "Gemma 3"
+    memory_model = SIZED_MEMORY_MODEL  # counted from the architecture's sizes
     model_types = ("gemma3",)
     processor_classes = ("Gemma3Processor",)
     end_of_turn = "<end_of_turn>"

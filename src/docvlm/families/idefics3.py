@@ -6,10 +6,12 @@ Granite-Docling with Granite's <|end_of_text|>: the model's chat template tells 
 from __future__ import annotations
 
 from docvlm.families.base import Family
+from docvlm.families.sized_memory import SIZED_MEMORY_MODEL
 
 
 class Idefics3(Family):
     name = "Idefics3 / SmolVLM"
+    memory_model = SIZED_MEMORY_MODEL  # counted from the architecture's sizes
     model_types = ("idefics3", "smolvlm")
     processor_classes = ("Idefics3Processor", "SmolVLMProcessor")
     end_of_turn = (

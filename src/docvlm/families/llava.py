@@ -4,6 +4,7 @@ its chat template leaves the answer's end of sequence to the training code."""
 from __future__ import annotations
 
 from docvlm.families.base import Family
+from docvlm.families.sized_memory import SIZED_MEMORY_MODEL
 
 POSITIONAL_TOWER = (
     "its vision tower is called positionally (run without grad, but whole) and its projector is not Idefics2's "
@@ -13,6 +14,7 @@ POSITIONAL_TOWER = (
 
 class Llava(Family):
     name = "LLaVA"
+    memory_model = SIZED_MEMORY_MODEL  # counted from the architecture's sizes
     model_types = ("llava", "llava_next")
     processor_classes = ("LlavaProcessor", "LlavaNextProcessor")
     why_not = POSITIONAL_TOWER

@@ -7,11 +7,13 @@ from __future__ import annotations
 from docvlm.errors import UserError
 from docvlm.families.base import Family
 from docvlm.families.llava import POSITIONAL_TOWER
+from docvlm.families.sized_memory import SIZED_MEMORY_MODEL
 from docvlm.prompts import Prompt, question_of
 
 
 class PaliGemma(Family):
     name = "PaliGemma"
+    memory_model = SIZED_MEMORY_MODEL  # counted from the architecture's sizes
     model_types = ("paligemma",)
     processor_classes = ("PaliGemmaProcessor",)
     why_not = POSITIONAL_TOWER

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from docvlm.families.base import Family
 from docvlm.families.qwen_vl.processor import STOCK_PROCESSORS, load_processor
+from docvlm.families.sized_memory import SIZED_MEMORY_MODEL
 
 # The stock processor class of each model type (what an image-only twin is named after, docvlm.families.qwen_vl.
 # processor).
@@ -16,6 +17,7 @@ PROCESSOR_OF = dict(zip(("qwen2_vl", "qwen2_5_vl", "qwen3_vl"), STOCK_PROCESSORS
 
 class QwenVL(Family):
     name = "Qwen-VL"
+    memory_model = SIZED_MEMORY_MODEL  # counted from the architecture's sizes
     model_types = tuple(PROCESSOR_OF)
     processor_classes = STOCK_PROCESSORS
     end_of_turn = "<|im_end|>"
