@@ -492,7 +492,7 @@ def run_recipe(
     try:
         trainer, _ = train.run(argv, callbacks=[timer])
     finally:
-        shutil.rmtree(features, ignore_errors=True)  # ~17 MB a page: not left behind by every bench run
+        shutil.rmtree(features, ignore_errors=True)  # ~9 MB a page: not left behind by every bench run
     args = trainer.args
     samples = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     result = summarize(timer, samples)

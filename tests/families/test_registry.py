@@ -77,7 +77,7 @@ def test_idefics2_takes_every_switch_and_an_unknown_family_none(tiny_model_path)
     assert family_at(tiny_model_path) is IDEFICS2
     model_args, training_args = recipe("--image_longest_edge", "980", "--do_image_splitting", "true")
     refuse_what_does_not_apply(IDEFICS2, model_args, training_args)  # the flagship recipe, every switch on
-    with pytest.raises(UserError, match=r"vision_tower_no_grad is on .*\(not one docvlm knows\)"):
+    with pytest.raises(UserError, match=r"connector_lean_activations is on .*\(not one docvlm knows\)"):
         refuse_what_does_not_apply(family_of("blip-2"), model_args, training_args)
 
 
@@ -124,7 +124,8 @@ def test_a_switch_whose_modules_are_missing_is_an_error_never_silently_off():
     _, training_args = recipe(*off, "--connector_lean_activations", "true")
     with pytest.raises(UserError, match="connector_lean_activations is true, but this Test family model has no"):
         apply_switches(anything, torch.nn.Linear(2, 2), training_args)
-    _, training_args = recipe("--connector_lean_activations", "false", "--connector_checkpointing", "false")
+    connector_off = ["--connector_lean_activations", "false", "--connector_checkpointing", "false"]
+    _, training_args = recipe(*connector_off, "--connector_in_compute_dtype", "false")
     with pytest.raises(UserError, match="vision_tower_no_grad is true, but this Test family model has no vision"):
         apply_switches(anything, torch.nn.Linear(2, 2), training_args)
     with pytest.raises(UserError, match="connector_checkpointing is true, but this Idefics2 model has no connector"):

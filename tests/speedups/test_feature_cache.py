@@ -415,3 +415,49 @@ def test_page_digests_made_with_the_batch_key_each_real_page_and_never_outlive_t
         assert cache.take_digests(len(digests)) is None
         trainer._prepare_inputs(dict(inputs))
         assert cache.take_digests(len(digests)) == digests and cache.take_digests(len(digests)) is None
+
+
+def test_features_kept_in_half_precision_give_the_rounding_connectors_loss_and_gradients():
+    """Where the connector rounds the tower's features to bf16 anyway (connector_in_compute_dtype), the cache keeps
+    them in bf16: half the bytes, under another key, and the loss and gradients of the tower itself."""
+    from docvlm.families.idefics2.connector import half_precision_connector_input
+
+    model, processor = load_tiny_model_and_processor()  # its own: the connector's patch stays on the model
+    assert half_precision_connector_input(model.get_base_model())
+    batch = mixed_batch(processor)
+    tower = patched(model, None)
+    bf16 = torch.autocast("cpu", dtype=torch.bfloat16)
+    with bf16:
+        plain = loss_and_grads(model, batch)
+    full = FeatureCache("memory", None, tower_identity(tower), 2**30)
+    half = FeatureCache("memory", None, tower_identity(tower, torch.bfloat16), 2**30, stored_dtype=torch.bfloat16)
+    assert half.identity != full.identity
+    for cache in (full, half):
+        patched(model, cache)
+        with bf16:
+            computed, read = loss_and_grads(model, batch), loss_and_grads(model, batch)
+        assert (cache.misses, cache.hits) == (4, 4)
+        assert_same(plain, computed)
+        assert_same(plain, read)
+    assert {t.dtype for t in full.memory.values()} == {torch.float32}
+    assert {t.dtype for t in half.memory.values()} == {torch.bfloat16}
+    assert half.stored_bytes * 2 == full.stored_bytes
+    patched(model, None)
+
+
+@pytest.mark.parametrize(("rounded", "stored"), [(True, torch.bfloat16), (False, None)])
+def test_the_cache_keeps_features_in_the_dtype_the_connector_switch_rounds_them_to(rounded, stored, tmp_path):
+    from docvlm import speedups
+    from docvlm.families import IDEFICS2
+    from docvlm.recipe.parse import parse_recipe
+    from docvlm.speedups.model_parts import vision_tower
+
+    model, _ = load_tiny_model_and_processor()
+    base = model.get_base_model()
+    recipe = ["--config", "recipes/tiny_docvqa.yaml", "--vision_feature_cache", "disk"]
+    recipe += ["--vision_feature_cache_dir", str(tmp_path), "--connector_in_compute_dtype", str(rounded).lower()]
+    args = parse_recipe(recipe)[2]
+    args.bf16 = True  # as on a GPU, where the recipe's precision resolves to bf16
+    run = speedups.apply(speedups.LOADED, speedups.SwitchContext(args, IDEFICS2, model=base))
+    assert run.cache.stored_dtype == stored
+    assert run.cache.identity == tower_identity(vision_tower(base), stored)  # each dtype has its own entries

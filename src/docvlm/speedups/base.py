@@ -35,6 +35,7 @@ class SwitchContext:
     trainer: Any = None
     processor: Any = None
     cache: Any = None  # the vision feature cache, when its switch is on
+    features_rounded_to: Any = None  # the dtype the connector rounds the tower's features to, if a switch does
     callbacks: list = field(default_factory=list)  # added to the trainer
 
 
@@ -61,6 +62,7 @@ class PlanTerms:
     connector_recomputed: bool = False  # recomputed in the backward pass, after the decoder's activations are freed
     perceiver_own_chunks: str | None = None  # the setting that recomputes the perceiver in chunks of its own
     connector_share: float = 1.0  # of the connector's calibrated activations (half-precision features keep less)
+    feature_value_bytes: int = 4  # a tower feature as the connector takes it (2 where it rounds them to half)
     tower_on_gpu: bool = True  # the vision tower's weights on the GPU while training
     tower_runs: bool = True  # the vision tower computes a step's pages (no feature cache serves them)
     config: Any = None  # the model's config

@@ -4,12 +4,24 @@ after connector checkpointing, so that the features are rounded once, not in eve
 
 from __future__ import annotations
 
+import torch
+
 from docvlm.speedups.base import LOADED, Setting, Switch
 
 
 def _plan(terms) -> None:
     if terms.args.precision != "fp32":  # nothing to round in fp32 training
-        terms.connector_share *= terms.calibration["half_precision_connector_share"]
+        terms.connector_share *= terms.calibration.get("half_precision_connector_share", 1.0)
+        terms.feature_value_bytes = 2
+
+
+def _apply(run) -> bool:
+    """The family's patch; the dtype it rounds to is handed on (the feature cache keeps features in it)."""
+    if not run.family.half_precision_connector_input(run.model):
+        return False
+    args = run.args
+    run.features_rounded_to = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+    return True
 
 
 SWITCH = Switch(
@@ -29,6 +41,6 @@ SWITCH = Switch(
     lacks="connector",
     family_hook="half_precision_connector_input",
     after=("connector_checkpointing",),  # the features rounded once, outside the recomputed chunks
-    apply={LOADED: lambda run: run.family.half_precision_connector_input(run.model)},
+    apply={LOADED: _apply},
     plan=_plan,
 )

@@ -117,7 +117,10 @@ def _make_cache(run) -> bool:
         "Free space there, set vision_feature_cache_dir to a disk with room, lower vision_feature_cache_max_gb, or "
         "set vision_feature_cache: memory."
     )
-    run.cache = FeatureCache(args.vision_feature_cache, folder, tower_identity(tower), limit, advice)
+    # kept in the half precision the connector rounds features to anyway, where a switch makes it do so: half the
+    # memory, disk and reads, the same values
+    stored = run.features_rounded_to
+    run.cache = FeatureCache(args.vision_feature_cache, folder, tower_identity(tower, stored), limit, advice, stored)
     return True
 
 
@@ -203,13 +206,14 @@ def _plan(terms) -> None:
     if terms.config is None or not terms.patches:
         return
     # 4 bytes a value: the tower's last LayerNorm runs in fp32 under autocast, and the cache keeps its output as the
-    # connector receives it
+    # connector receives it; 2 where the connector rounds it to half precision
     width = terms.config.vision_config.hidden_size
-    feature_bytes = 4 * width * statistics.fmean(terms.patches) * terms.rows
-    limit, gib = terms.args.vision_feature_cache_max_gb, 2**30
+    args = terms.args
+    feature_bytes = terms.feature_value_bytes * width * statistics.fmean(terms.patches) * terms.rows
+    limit, gib = args.vision_feature_cache_max_gb, 2**30
     size = f"{feature_bytes / gib:.1f} GiB" if feature_bytes >= gib else f"{feature_bytes / 2**20:.2f} MiB"
     terms.lines.append(
-        f"  cache      {size} of vision features ({terms.args.vision_feature_cache}; at most {limit:g} GB)"
+        f"  cache      {size} of vision features ({args.vision_feature_cache}; at most {limit:g} GB)"
         + ("  WARNING: over the bound, some pages are recomputed" if feature_bytes / 1e9 > limit else "")
     )
 
@@ -222,7 +226,7 @@ SWITCH = Switch(
             Literal["off", "memory", "disk"],
             "off",
             "Compute each page's frozen vision features once, for every epoch (memory) and later run (disk). Same "
-            "gradients.",
+            "gradients. Kept in half precision where connector_in_compute_dtype rounds them anyway.",
         ),
         Setting(
             "vision_feature_cache_dir",
@@ -246,4 +250,5 @@ SWITCH = Switch(
     turned_off_in={ZERO3: SPLIT_TOWER, FSDP: SPLIT_TOWER},
     apply={LOADED: _make_cache, WITH_TRAINER: attach},
     plan=_plan,
+    after=("connector_in_compute_dtype",),  # keeps features in the dtype that switch rounds them to
 )

@@ -109,10 +109,13 @@ def padded_grid(features: list[torch.Tensor], extents: list[tuple[int, int]], ro
     return grid.view(len(features), rows * cols, -1)
 
 
-def tower_identity(tower: torch.nn.Module) -> str:
-    """A digest of the tower's weights (all of them, with dtype and shape): two towers share cached features only
-    when they compute the same function."""
+def tower_identity(tower: torch.nn.Module, stored_dtype: torch.dtype | None = None) -> str:
+    """A digest of the tower's weights (all of them, with dtype and shape), and of the dtype the cache keeps their
+    features in: two runs share cached features only when their towers compute the same function and they keep it
+    at the same precision."""
     digest = hashlib.sha256()
+    if stored_dtype is not None:
+        digest.update(f"stored as {stored_dtype}".encode())
     for name, tensor in sorted(tower.state_dict().items()):
         _digest_tensor(digest, tensor, name)
     return digest.hexdigest()
@@ -126,12 +129,21 @@ class FeatureCache:
     temporary name and renamed, so an interrupted write is never read)."""
 
     def __init__(
-        self, mode: str, folder: str | os.PathLike | None, identity: str, max_bytes: int, full_disk_advice: str = ""
+        self,
+        mode: str,
+        folder: str | os.PathLike | None,
+        identity: str,
+        max_bytes: int,
+        full_disk_advice: str = "",
+        stored_dtype: torch.dtype | None = None,
     ):
-        """`full_disk_advice`: what to do when the disk fills up, in the recipe's words (said after the error)."""
+        """`full_disk_advice`: what to do when the disk fills up, in the recipe's words (said after the error).
+        `stored_dtype`: the dtype features are kept in (None: the tower's), where the connector rounds them to it
+        anyway; `identity` must name it (tower_identity)."""
         if mode not in ("memory", "disk"):
             raise ValueError(f"A feature cache is kept in memory or on disk, not {mode!r}.")
         self.mode, self.identity, self.max_bytes = mode, identity, max_bytes
+        self.stored_dtype = stored_dtype
         self.full_disk_advice = full_disk_advice
         self.memory: dict[str, torch.Tensor] = {}
         self.folder = Path(folder) / identity[:16] if mode == "disk" else None
@@ -203,6 +215,7 @@ class FeatureCache:
         threads wait for it (a page-by-page copy into new pageable memory stalls the GPU at every page).
         (features, None) where nothing is to wait for: a memory cache, which keeps its own
         pageable copies, or features already on the CPU."""
+        features = self.stored(features)
         if self.folder is None or not features.is_cuda:
             return features, None
         host = features.detach().to("cpu", non_blocking=True)  # pinned, released once every entry is written
@@ -210,13 +223,17 @@ class FeatureCache:
         copied.record(torch.cuda.current_stream(features.device))
         return host, copied
 
+    def stored(self, features: torch.Tensor) -> torch.Tensor:
+        """`features` as the cache keeps them: rounded to the stored dtype on their device (half the copy too)."""
+        return features if self.stored_dtype is None else features.to(self.stored_dtype)
+
     def put(self, key: str, features: torch.Tensor, copied: torch.cuda.Event | None = None) -> None:
         """Store a page's (patches, width) features; `copied`: the event after which `features`, a (rows, columns,
         width) view of host_copy's tensor, hold their values (the write waits for it, then lays them out)."""
         if self.holds(key):
             return  # a page asked twice (several questions on it): stored, counted and written once
-        if copied is None:
-            features = features.detach().to("cpu", copy=True).contiguous()  # never a view of the batch's tensor
+        if copied is None:  # never a view of the batch's tensor
+            features = self.stored(features.detach()).to("cpu", copy=True).contiguous()
         size = features.numel() * features.element_size()
         if self.folder is not None:
             size += ENTRY_HEADER_BYTES  # counted before the write, corrected to the file's size after it
@@ -328,6 +345,7 @@ def _compute_and_store(compute, cache, pixel_values, patch_mask, extents, keys, 
     hidden = compute(pixel_values=pixels, patch_attention_mask=patch_mask[pages, :rows, :cols], **kwargs)
     hidden = hidden.last_hidden_state.view(len(pages), rows, cols, -1)
     host, copied = cache.host_copy(hidden)
+    hidden = cache.stored(hidden)  # the batch gets what a later read of the cache gives
     computed = {}
     for index, page in enumerate(pages):
         h, w = extents[page]
