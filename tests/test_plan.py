@@ -238,12 +238,15 @@ def test_tied_embeddings_are_counted_once_in_the_plans_skeleton():
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     from docvlm.fixtures import resolve
+    from docvlm.recipe.schema import ModelArguments
 
     config = AutoConfig.from_pretrained(resolve("docvlm:tiny-qwen2-vl"), tie_word_embeddings=True)
     real = AutoModelForImageTextToText.from_config(config)
     assert real.lm_head.weight is real.get_input_embeddings().weight
     skeleton = plan.meta_model(config, trust_remote_code=False)
     assert sum(p.numel() for p in skeleton.parameters()) == sum(p.numel() for p in real.parameters())
+    _, counted = plan.weight_bytes(skeleton, ModelArguments(load_in_4bit=False))
+    assert counted == sum(p.numel() for p in real.parameters())
     assert all(p.device == torch.device("meta") for p in skeleton.parameters())
 
 

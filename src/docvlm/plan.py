@@ -96,8 +96,12 @@ def weight_bytes(skeleton, model_args, dtype_bytes: int = 2, leave_out: tuple[st
     skip = tuple(model_args.bnb_4bit_skip_modules or ()) + ("lm_head",)
     scale = (1 + 4 / 256) / 64 if model_args.use_bnb_nested_quant else 4 / 64
     total = params = 0
+    seen = set()  # a tied output head shares the embedding's parameter: counted once
     for name, module in skeleton.named_modules():
         for param in module.parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
             count = param.numel()
             params += count
             if any(name == out or name.startswith(f"{out}.") for out in leave_out):
