@@ -201,8 +201,8 @@ class DocVQACollator:
 
 def _text_segments(ids: list[int], image_tokens: set[int], is_blank) -> list[tuple[int, int]]:
     """(start, end) of the runs of tokens between images (runs of image tokens): the text before the first image,
-    after the last, and between two images unless it is only whitespace (`is_blank`). A processor that splits a page
-    into crops writes newlines between its rows of crops (some do), which belong to the image, not the text."""
+    after the last, and between two images unless it is only whitespace (`is_blank`): a processor that splits a page
+    into crops may write newlines between its rows of crops, and those belong to the image, not the text."""
     runs, start = [], 0
     for position, token in enumerate(ids):
         if token in image_tokens:
