@@ -760,8 +760,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.model != "tiny" and not torch.cuda.is_available():
         print(
-            f"docvlm bench: the {args.model} benchmark needs a CUDA GPU (it builds and trains a model of billions of "
-            "parameters). "
+            f"docvlm bench: the {args.model} benchmark needs a CUDA GPU (it builds and trains the model at its real "
+            "size, with random weights). "
             "For a CPU smoke run of the same code: python -m benchmarks.bench --model tiny --steps 1 --warmup 1",
             file=sys.stderr,
         )
