@@ -24,7 +24,11 @@ SKIP, FAILS_FAST, SERVES = "skip", "fails fast", "serves"
 SPECIAL = [
     (r"^git clone <this repo>", SKIP, "a placeholder for the reader's clone: this test runs in a copy of the repo"),
     (r"^make test\b", SKIP, "the command that runs this test"),
-    (r"^make bench(-multi)?$", SKIP, "needs a GPU: test_every_documented_gpu_command_... checks it stops at once here"),
+    (
+        r"^make bench(-multi)?( FAMILIES=1)?$",
+        SKIP,
+        "needs a GPU: test_every_documented_gpu_command_... checks it stops at once here",
+    ),
     (
         r"^make bench-cpu$",
         SKIP,
