@@ -13,17 +13,22 @@ UNITS = {"GiB": GIB, "bytes": 1, "seconds": 1, "none": 1}
 BF16 = 2  # bytes
 
 
-@cache
-def calibration() -> dict:
-    """sized_memory.yaml as plain numbers (bytes, seconds or ratios)."""
+def read_calibration(path: Path) -> dict:
+    """A calibration file (sized_memory.yaml, a family's calibration.yaml) as plain numbers: each entry's value in
+    bytes, seconds or a ratio, over `per` where it is a rate; `fitted_on` as written."""
     import yaml
 
-    data = yaml.safe_load(Path(__file__).with_name("sized_memory.yaml").read_text())
+    data = yaml.safe_load(path.read_text())
     values = {"fitted_on": data["fitted_on"]}
     for section in ("memory", "speed"):
         for name, entry in data[section].items():
-            values[name] = entry["value"] * UNITS[entry["unit"]]
+            values[name] = entry["value"] * UNITS[entry["unit"]] / entry.get("per", 1)
     return values
+
+
+@cache
+def calibration() -> dict:
+    return read_calibration(Path(__file__).with_name("sized_memory.yaml"))
 
 
 class SizedMemoryModel:

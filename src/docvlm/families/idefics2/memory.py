@@ -7,21 +7,13 @@ import statistics
 from functools import cache
 from pathlib import Path
 
-GIB = 2**30
-UNITS = {"GiB": GIB, "bytes": 1, "seconds": 1, "none": 1}
+from docvlm.families.sized_memory import read_calibration
 
 
 @cache
 def calibration() -> dict:
     """calibration.yaml as plain numbers: each entry's value in bytes (or seconds, or a ratio), over `per`."""
-    import yaml
-
-    data = yaml.safe_load(Path(__file__).with_name("calibration.yaml").read_text())
-    values = {"fitted_on": data["fitted_on"]}
-    for section in ("memory", "speed"):
-        for name, entry in data[section].items():
-            values[name] = entry["value"] * UNITS[entry["unit"]] / entry.get("per", 1)
-    return values
+    return read_calibration(Path(__file__).with_name("calibration.yaml"))
 
 
 def training_flops(config, shapes: dict, tower_runs: bool = True) -> float:
@@ -31,30 +23,22 @@ def training_flops(config, shapes: dict, tower_runs: bool = True) -> float:
     The frozen tower runs forward only, and not at all where a feature cache replaced it (`tower_runs`).
     Recomputation by checkpointing is not counted (model FLOPs, not hardware FLOPs); LoRA's rank-8 matmuls and
     the logits of the answer window are left out (small beside the rest)."""
+    from docvlm.flops import counted_training_flops
+
     text, vision, perceiver = config.text_config, config.vision_config, config.perceiver_config
-    d, heads = text.hidden_size, text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or d // heads
-    kv = text.num_key_value_heads * head_dim
-    layers = text.num_hidden_layers
-    linear = 2 * layers * (2 * d * heads * head_dim + 2 * d * kv + 3 * d * text.intermediate_size) * shapes["tokens"]
-    attention = 4 * heads * head_dim * layers * shapes["causal_pairs"]
+    d = text.hidden_size
     # the connector: a gated projection of every patch to the decoder's width (gate and up in, down out), then a
     # perceiver whose latents attend to each page's patches and to themselves
     patches, latents = shapes["patches"], perceiver.resampler_n_latents * shapes["pages"]
-    linear += 2 * (2 * vision.hidden_size + d) * text.intermediate_size * patches
+    linear = 2 * (2 * vision.hidden_size + d) * text.intermediate_size * patches
     p_heads, p_dim, p_kv = perceiver.resampler_n_heads, perceiver.resampler_head_dim, perceiver.num_key_value_heads
     per_layer = 2 * (2 * d * p_heads * p_dim) * latents  # the latents' queries and output
     per_layer += 2 * (2 * d * p_kv * p_dim) * (patches + latents)  # keys and values of patches and latents
     per_layer += 2 * 3 * d * 4 * d * latents  # the latents' MLP
     linear += perceiver.resampler_depth * per_layer
-    attention += perceiver.resampler_depth * 4 * p_heads * p_dim * perceiver.resampler_n_latents * (patches + latents)
-    flops = 2 * linear + 3 * attention
-    if tower_runs:
-        dv, tower_layers = vision.hidden_size, vision.num_hidden_layers
-        flops += 2 * 3 * vision.patch_size**2 * dv * patches  # the patch embedding
-        flops += 2 * tower_layers * (4 * dv * dv + 2 * dv * vision.intermediate_size) * patches
-        flops += 4 * dv * tower_layers * shapes["patch_pairs"]
-    return float(flops)
+    attention = perceiver.resampler_depth * 4 * p_heads * p_dim * perceiver.resampler_n_latents * (patches + latents)
+    # the decoder and the tower are counted as every family's are; the connector runs forward and backward
+    return counted_training_flops(config, shapes, tower_runs) + 2 * linear + 3 * attention
 
 
 def size_ratios(config, fitted_on: dict) -> dict[str, float]:
