@@ -58,10 +58,12 @@ plan: check-recipe install
 	$(BIN)/docvlm plan --config $(RECIPE_FILE) $(if $(GPU),--gpu $(GPU)) $(ARGS)
 
 # GPU: the notebook's setup against our recipes on Idefics2-8B's architecture (docs/benchmarks.md); FAMILIES=1:
-# every other family's recipe on its real architecture instead, a few steps each (benchmarks/families.py).
+# every other family's recipe on its real architecture instead, a few steps each (benchmarks/families.py); EVAL=1:
+# questions/s of the notebook's generate loop against docvlm eval (benchmarks/evaluation.py).
 FAMILIES ?=
+EVAL ?=
 bench: install
-	$(BIN)/python -m benchmarks.$(if $(FAMILIES),families,bench) $(ARGS)
+	$(BIN)/python -m benchmarks.$(if $(FAMILIES),families,$(if $(EVAL),evaluation,bench)) $(ARGS)
 
 # GPUs: docvqa_qlora on one GPU, then on NUM_GPUS (default 2) under DDP, DeepSpeed ZeRO-2 and ZeRO-3, with the same
 # per-device batch; ZeRO-3's saved adapter is reloaded on one GPU and compared (docs/distributed.md).

@@ -583,6 +583,23 @@ def fill_seconds_a_page(result: dict) -> float:
     return (result["cache_fill_s"] - startup) / result["cache_fill_rows"]
 
 
+def docvqa_projection(result: dict, questions_per_s: float | None = None):
+    """A whole DocVQA fine-tune at the setup's measured speed (docvlm.projection): training, the cache's fill where
+    the setup has one, and with `questions_per_s` (benchmarks.evaluation) the before/after evaluation."""
+    from docvlm.projection import project
+
+    fill = fill_seconds_a_page(result) if result.get("cache_fill_pages") else 0.0
+    return project(result["samples_per_s"], fill, questions_per_s)
+
+
+def projection_lines(results: dict[str, dict]) -> str:
+    """Each setup's whole DocVQA training on this card, beside the published anchor."""
+    from docvlm.families.idefics2 import IDEFICS2
+
+    lines = [f"- {name}: {docvqa_projection(r).line()}" for name, r in results.items() if "samples_per_s" in r]
+    return "\n".join([*lines, f"- for comparison, {IDEFICS2.published_docvqa_run}"]) if lines else ""
+
+
 def _number(key: str, digits: int = 2, scale: float = 1.0):
     return lambda r, base: f"{r[key] * scale:.{digits}f}" if r.get(key) is not None else "-"
 
@@ -620,6 +637,7 @@ def table(results: dict[str, dict]) -> str:
         ("cache fill s / page", fill),
         (f"whole run min ({PROJECTED_EPOCHS} x {PROJECTED_PAGES} pages)", lambda r, _: f"{projected_minutes(r):.1f}"),
         (f"whole run vs {reference}", run_ratio),
+        ("DocVQA training h (with fill)", lambda r, _: f"{docvqa_projection(r).total_hours:.1f}"),
         ("loss first → last", loss),
     ]
     if any("reload_max_logit_diff" in r for r in results.values()):
@@ -824,6 +842,10 @@ def main(argv: list[str] | None = None) -> int:
     gpu = next((r["gpu"] for r in results.values() if "gpu" in r), "CPU")
     text = f"{gpu}, {report['date']}, {json.dumps(report['versions'])}\n\n{table(results)}\n\nLoss by step:\n\n"
     text += loss_curves(results) + "\n"
+    projections = projection_lines(results)
+    if projections:
+        text += "\nA whole DocVQA fine-tune on this card, training and fill (make bench EVAL=1 adds evaluation):\n\n"
+        text += projections + "\n"
     (out / "bench.md").write_text(text)
     print("\n" + text)
     return 0 if all("error" not in r for r in results.values()) else 1

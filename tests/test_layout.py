@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "docvlm"
 # From the bottom up: a module may import from its own layer's other modules and from the layers below, never from
 # one above. Within a layer, `SIDEWAYS_FORBIDDEN` lists the directions that are refused too.
 LAYERS = (
-    ("base", ("errors", "runtime", "flops")),
+    ("base", ("errors", "runtime", "flops", "projection")),
     ("shared", ("conversations", "pages", "modes", "prompts")),
     ("families", ("families",)),
     ("fixtures", ("fixtures",)),  # the embedded default's models (of the families) and documents, by name (docvlm:...)

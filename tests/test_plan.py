@@ -269,3 +269,45 @@ def test_image_tokens_count_what_the_processors_placeholder_expands_into():
     stats = plan.measure_sample(rows.select(range(4)), processor, data_args, config.vision_config.patch_size, config)
     assert stats.image_tokens == [1 + TINY_GEMMA3_IMAGE_TOKENS] * 4  # the <start_of_image> marker and the image
     assert stats.patches == [(112 // 14) ** 2] * 4  # one fixed-size 112 px image of 14 px patches a row
+
+
+def _whole_run(out: str) -> dict[str, float]:
+    """The hours of each part of plan's DocVQA projection, by part."""
+    import re
+
+    lines = out[out.index("  DocVQA ") :].splitlines()
+    hours = {"total": float(re.search(r"~([\d.]+) h on", lines[0]).group(1))}
+    for line in lines[1:]:
+        found = re.match(r"\s+(\w[\w ]*?) ([\d.]+) h \(", line)
+        if found is None:
+            break
+        hours[found.group(1)] = float(found.group(2))
+    return hours
+
+
+def test_plan_projects_a_whole_docvqa_fine_tune_on_the_card_it_plans_for(idefics2_8b_folder, capsys):
+    argv = ["--config", "recipes/docvqa_qlora.yaml", "--model_name_or_path", idefics2_8b_folder]
+    argv += ["--dataset_name", "docvlm:tiny-docs", "--sample", "4"]
+    assert plan.main([*argv, "--gpu", "h100-80gb"]) == 0
+    out = capsys.readouterr().out
+    assert "38 h of training alone on one A100-80GB" in out  # the published anchor, beside it
+    h100 = _whole_run(out)
+    assert set(h100) == {"total", "training", "feature cache fill", "evaluation"}
+    assert h100["total"] == pytest.approx(sum(v for k, v in h100.items() if k != "total"), abs=0.1)
+    assert plan.main([*argv, "--gpu", "t4-16gb"]) == 0
+    t4 = _whole_run(capsys.readouterr().out)
+    assert all(t4[part] > h100[part] for part in h100)  # a slower card, in every part
+    assert plan.main([*argv, "--gpu", "h100-80gb", "--per_device_eval_batch_size", "32"]) == 0
+    wider = _whole_run(capsys.readouterr().out)
+    assert wider["evaluation"] < h100["evaluation"] / 2 and wider["training"] == h100["training"]
+    no_cache = ["--vision_feature_cache", "off", "--vision_tower_offload", "false"]
+    assert plan.main([*argv, "--gpu", "h100-80gb", *no_cache]) == 0
+    assert "feature cache fill" not in _whole_run(capsys.readouterr().out)
+
+
+def test_decoder_layers_kept_are_planned_as_unchecked_layers(idefics2_8b_folder):
+    """Each layer kept whole adds a 32nd of the unchecked decoder's activations to the checkpointed decoder's."""
+    every, _, _ = predicted("docvqa_qlora", idefics2_8b_folder)
+    kept, _, _ = predicted("docvqa_qlora", idefics2_8b_folder, "--decoder_layers_kept", "8")
+    unchecked, _, _ = predicted("docvqa_qlora", idefics2_8b_folder, "--gradient_checkpointing", "false")
+    assert every.activations_gib < kept.activations_gib < unchecked.activations_gib

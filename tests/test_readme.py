@@ -25,7 +25,7 @@ SPECIAL = [
     (r"^git clone <this repo>", SKIP, "a placeholder for the reader's clone: this test runs in a copy of the repo"),
     (r"^make test\b", SKIP, "the command that runs this test"),
     (
-        r"^make bench(-multi)?( FAMILIES=1)?$",
+        r"^make bench(-multi)?( FAMILIES=1| EVAL=1)?$",
         SKIP,
         "needs a GPU: test_every_documented_gpu_command_... checks it stops at once here",
     ),

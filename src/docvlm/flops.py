@@ -14,17 +14,18 @@ class Card:
     name: str
     memory_gib: float  # what torch can allocate on it
     peak_tflops: float  # dense bf16 (fp16 on a T4), from the vendor's data sheet
+    bandwidth_gb_s: float  # memory bandwidth, from the vendor's data sheet: what decoding a token waits on
     bf16: bool = True
     device_names: tuple[str, ...] = ()  # substrings of torch.cuda.get_device_name()
 
 
 CARDS = {
-    "t4-16gb": Card("T4 16GB", 14.6, 65.0, bf16=False, device_names=("T4",)),
-    "l4-24gb": Card("L4 24GB", 22.0, 121.0, device_names=("L4",)),
-    "a100-40gb": Card("A100 40GB", 39.4, 312.0, device_names=("A100-SXM4-40GB", "A100-PCIE-40GB")),
-    "a100-80gb": Card("A100 80GB", 79.1, 312.0, device_names=("A100-SXM4-80GB", "A100 80GB")),
-    "h100-80gb": Card("H100 80GB", 79.1, 989.0, device_names=("H100",)),
-    "h200-141gb": Card("H200 141GB", 139.8, 989.0, device_names=("H200",)),
+    "t4-16gb": Card("T4 16GB", 14.6, 65.0, 320.0, bf16=False, device_names=("T4",)),
+    "l4-24gb": Card("L4 24GB", 22.0, 121.0, 300.0, device_names=("L4",)),
+    "a100-40gb": Card("A100 40GB", 39.4, 312.0, 1555.0, device_names=("A100-SXM4-40GB", "A100-PCIE-40GB")),
+    "a100-80gb": Card("A100 80GB", 79.1, 312.0, 2039.0, device_names=("A100-SXM4-80GB", "A100 80GB")),
+    "h100-80gb": Card("H100 80GB", 79.1, 989.0, 3350.0, device_names=("H100",)),
+    "h200-141gb": Card("H200 141GB", 139.8, 989.0, 4800.0, device_names=("H200",)),
 }
 
 

@@ -194,7 +194,7 @@ def plan(argv: list[str]) -> int:
     from docvlm.recipe.parse import parse_recipe
 
     recipe = parse_recipe(["--config", args.config, *rest])
-    data_args, model_args, training_args, _ = recipe
+    data_args, model_args, training_args, eval_args = recipe
     prepared = prepare(recipe, need_eval=False, screen_train=False, warn_answers=False)
     train_rows, config, family = prepared.train_rows, prepared.config, prepared.family
     every = max(1, len(train_rows) // args.sample)
@@ -241,7 +241,9 @@ def plan(argv: list[str]) -> int:
     if memory_model is None or not stats.patches:
         lines.append(f"  memory     not predicted: {not_calibrated(family)}")
     else:
-        lines += prediction_lines(predict(config, terms, weights, trainable, card, memory_model), card, steps)
+        guess = predict(config, terms, weights, trainable, card, memory_model)
+        lines += prediction_lines(guess, card, steps)
+        lines += whole_run_lines(guess, terms, eval_args, weights, card, config, per_step, family.published_docvqa_run)
         if not card.bf16 and training_args.precision in ("bf16",):
             lines.append(f"  WARNING    {card.name} has no bf16: use precision: auto or fp16.")
     lines.append(f"(planned in {time.perf_counter() - started:.1f} s)")
@@ -301,6 +303,32 @@ def prediction_lines(guess: Prediction, card, steps: int) -> list[str]:
         hours = guess.step_seconds * steps / 3600
         lines.append(f"  time       ~{guess.step_seconds:.1f} s a step, ~{hours:.2f} h for {steps} steps")
     return lines
+
+
+def whole_run_lines(
+    guess: Prediction, terms, eval_args, weights: int, card, config, per_step: int, published: str | None
+) -> list[str]:
+    """A whole DocVQA fine-tune with this recipe on this card (docvlm.projection): training at the predicted step
+    time, the feature cache's fill where it is on, and the before/after evaluation at the recipe's batch, beside
+    the family's `published` one where it has one."""
+    import statistics
+
+    from docvlm.projection import project, questions_per_second, tower_seconds_a_page
+
+    if guess.step_seconds is None:
+        return []
+    args, calibrated = terms.args, terms.calibration
+    fill = 0.0
+    if not terms.tower_runs and terms.patches:  # a feature cache fills before training
+        fill = tower_seconds_a_page(config, statistics.fmean(terms.patches), card, calibrated)
+    batch, longest = args.per_device_eval_batch_size, eval_args.eval_max_new_tokens
+    speed = questions_per_second(weights, batch, longest, card, calibrated)
+    projection = project(per_step / guess.step_seconds, fill, speed, compare_base=eval_args.eval_compare_base)
+    return [
+        f"  DocVQA     a whole fine-tune with this recipe ~{projection.total_hours:.1f} h on {card.name}:",
+        *(f"             {part}" for part in projection.parts()),
+        f"             (answers counted at their longest, {longest} tokens: {speed:.1f} questions/s at batch {batch})",
+    ] + ([f"             for comparison, {published}"] if published else [])
 
 
 def main(argv: list[str] | None = None) -> int:

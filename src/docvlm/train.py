@@ -86,7 +86,7 @@ def build_trainer(prepared, model, callbacks):
     """The trainer of a prepared run: pages decoded by the collator (a page that breaks later is skipped), held-out
     answers scored at each evaluation where the recipe asks (eval_anls_samples), docvlm's model card."""
     from docvlm.evaluation.card import adapter_card
-    from docvlm.evaluation.evaluate import HeldOutScores
+    from docvlm.evaluation.evaluate import HeldOutScores, generation_options
     from docvlm.pages import undecoded_pages
     from docvlm.training.modeling import lora_config
     from docvlm.training.trainer import DocVLMTrainer
@@ -101,6 +101,7 @@ def build_trainer(prepared, model, callbacks):
             eval_args.eval_max_new_tokens,
             training_args.per_device_eval_batch_size,
             eval_args.eval_anls_samples,
+            **generation_options(training_args, eval_args),
         )
     output_dir = Path(training_args.output_dir)
     return DocVLMTrainer(
@@ -131,7 +132,7 @@ def save_trained(trainer, result) -> dict:
 def evaluate_held_out(trainer, prepared, sharded: bool) -> dict:
     """The held-out loss once more (where the recipe evaluates during training), then the generation report
     (eval_after_training); returns their metrics."""
-    from docvlm.evaluation.evaluate import evaluate_model, load_trained
+    from docvlm.evaluation.evaluate import evaluate_model, generation_options, load_trained
     from docvlm.evaluation.report import report_meta
     from docvlm.modes import whole_model_loading
     from docvlm.training.outputs import adapter_step
@@ -148,10 +149,14 @@ def evaluate_held_out(trainer, prepared, sharded: bool) -> dict:
         return metrics
     # Each process answers a shard of the questions and the main process writes the report. Under ZeRO-3 and FSDP
     # no process holds the whole model, so each loads the adapter just saved, whole, on its own GPU.
+    features = None
     if sharded:
         evaluated = load_trained(model_args, training_args, prepared.path, output_dir)
     else:
+        from docvlm.speedups.feature_cache import cache_of
+
         evaluated = trainer.accelerator.unwrap_model(trainer.model)
+        features = cache_of(trainer)  # the training's feature cache serves the evaluation's pages too
     with whole_model_loading():  # a whole model: generate() must not wait for the other processes each token
         report = evaluate_model(
             evaluated,
@@ -169,6 +174,7 @@ def evaluate_held_out(trainer, prepared, sharded: bool) -> dict:
             compare_base=eval_args.eval_compare_base,
             train_rows=prepared.train_rows,
             page_base=prepared.page_base(),
+            **generation_options(training_args, eval_args, features),
         )
     metrics.update({f"generation_{k}": v for k, v in report["systems"]["after"].items()})
     return metrics

@@ -155,6 +155,12 @@ def test_the_whole_run_projection_pays_for_filling_the_cache_and_the_table_shows
     whole = [key for key in row if key.startswith("whole run vs")][0]
     assert row["vs baseline"] == "5.00x" and row[whole] == f"{(500 / (100 + 50)):.2f}x"  # 500 s against 150 s
     assert row["TFLOP/s"] == "123.4" and row["MFU"] == "12.5" and row["cache fill s / page"] == "0.050"
+    # a whole DocVQA training at this speed: its questions over 2 epochs, and its 10,194 pages through the fill
+    assert float(row["DocVQA training h (with fill)"]) == pytest.approx(
+        (2 * 39_463 / 20 + 10_194 * 0.05) / 3600, abs=0.05
+    )
+    projections = bench.projection_lines({"baseline": plain, "docvqa_qlora": cached})
+    assert "- docvqa_qlora: a whole DocVQA fine-tune" in projections and "38 h of training alone" in projections
     # the workers' start-up is paid once a fill, not once for every 200 pages
     cached["cache_fill_startup_s"] = 4.0  # of the 10 s: 6 s for 200 pages
     assert projected_minutes(cached) * 60 == pytest.approx(steps_s + 4.0 + 0.03 * PROJECTED_PAGES)

@@ -49,6 +49,36 @@ def test_connector_checkpointing_keeps_loss_and_gradients(tiny_model_path, tiny_
     connector.forward = original
 
 
+def test_without_grad_the_connector_runs_in_its_chunks_with_the_same_output(tiny_model_path):
+    """Generation (no grad) runs a checkpointed connector in the recipe's chunks, projection and perceiver each in
+    their own, which bounds evaluation's memory at larger batches; the output is the whole batch's."""
+    from transformers import AutoConfig
+    from transformers.models.idefics2.modeling_idefics2 import Idefics2Connector
+
+    from docvlm.families.idefics2.connector import checkpoint_connector
+
+    config = AutoConfig.from_pretrained(tiny_model_path)
+    torch.manual_seed(0)
+    holder = torch.nn.Module()
+    holder.model = torch.nn.Module()
+    holder.model.connector = connector = Idefics2Connector(config).eval()
+    context = torch.randn(5, 40, config.vision_config.hidden_size)
+    mask = torch.ones(5, 40, dtype=torch.bool)
+    mask[4, 30:] = False  # a smaller page, padded
+    with torch.no_grad():
+        whole = connector(context, attention_mask=mask)
+    projected, perceived = [], []
+    connector.modality_projection.register_forward_pre_hook(lambda module, args: projected.append(args[0].shape[0]))
+    connector.perceiver_resampler.register_forward_pre_hook(
+        lambda module, args, kwargs: perceived.append(kwargs["context"].shape[0]), with_kwargs=True
+    )
+    assert checkpoint_connector(holder, pages_per_chunk=2, perceiver_pages=4)
+    with torch.no_grad():
+        chunked = connector(context, attention_mask=mask)
+    assert projected == [2, 2, 1] and perceived == [4, 1]
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
+
+
 def test_the_perceiver_recomputes_each_layer_just_before_its_own_backward_pass(tiny_model_path):
     """With the perceiver a few pages at a time, a layer is recomputed only when the backward pass reaches it (the
     last layer first), so that one layer's activations are alive at a time; loss and gradients are unchanged."""

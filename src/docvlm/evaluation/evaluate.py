@@ -19,10 +19,11 @@ class HeldOutScores:
     """ANLS and exact match of the first `count` held-out questions, answered greedily by the model as it is: what
     the trainer logs at each evaluation (eval_anls, eval_exact_match). Each process answers a shard of them."""
 
-    def __init__(self, rows, processor, prompt: Prompt, max_new_tokens: int, batch_size: int, count: int):
+    def __init__(self, rows, processor, prompt: Prompt, max_new_tokens: int, batch_size: int, count: int, **options):
+        """`options`: generate's workers, sort_by_length and features."""
         self.rows = rows.select(range(min(count, len(rows))))
         self.processor, self.prompt = processor, prompt
-        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+        self.max_new_tokens, self.batch_size, self.options = max_new_tokens, batch_size, options
 
     def __call__(self, model) -> dict[str, float]:
         from accelerate import PartialState
@@ -41,6 +42,8 @@ class HeldOutScores:
             self.batch_size,
             desc="held-out ANLS",
             leave=False,  # one bar an evaluation, inside the training bar
+            texts=_texts(shard),
+            **self.options,
         )
         scores = [
             (anls(predicted["answer"], gold), exact_match(predicted["answer"], gold))
@@ -64,9 +67,12 @@ def evaluate_model(
     compare_base: bool = True,
     train_rows=None,
     page_base: Path | None = None,
+    **options,
 ) -> dict:
     """Generate on eval_rows with the adapter (after) and, if asked, without it (before); write the report, each
     question with its page(s) named (relative to `page_base`, the dataset's folder, or by content digest).
+    `options`: generate's workers, sort_by_length and features (a vision feature cache: each page through the tower
+    once, for both passes).
 
     Under a multi-process launch (DDP: every process holds the whole model) each process answers a contiguous
     shard of the rows and the main process gathers them, so the report is the one a single process writes, once."""
@@ -88,6 +94,9 @@ def evaluate_model(
         {"row": r, "pages": p, "question": q, "answers": a, "group": g}
         for r, p, q, a, g in zip(shard["row"], pages, questions, shard["answers"], groups, strict=True)
     ]
+    options = {"texts": _texts(shard), **options}
+    features = options.get("features")
+    counted = (features.misses, features.hits) if features is not None else None  # a training's cache counts on
     systems = []
     if train_rows is not None:
         guess = question_only_baseline(train_rows["question"], train_rows["answers"])
@@ -98,13 +107,13 @@ def evaluate_model(
             score_items(
                 items,
                 "before",
-                generate(model, processor, rows, prompt, max_new_tokens, batch_size, desc="before (base)"),
+                generate(model, processor, rows, prompt, max_new_tokens, batch_size, "before (base)", **options),
             )
         systems.append("before")
     score_items(
         items,
         "after",
-        generate(model, processor, rows, prompt, max_new_tokens, batch_size, desc="after (adapter)"),
+        generate(model, processor, rows, prompt, max_new_tokens, batch_size, "after (adapter)", **options),
     )
     systems.append("after")
     if state.num_processes > 1:
@@ -115,12 +124,30 @@ def evaluate_model(
         "generated": len(items) * sum(system in ("before", "after") for system in systems),
         "device": str(next(model.parameters()).device),
         "processes": state.num_processes,
+        "batch_size": batch_size,
     }
+    if features is not None:  # this process's: pages the tower computed, and pages read back for another question
+        meta["tower_pages_computed"] = features.misses - counted[0]
+        meta["tower_pages_read"] = features.hits - counted[1]
     summary = summarize(items, systems)
     if state.is_main_process:
         write_report(out_dir, items, summary, meta)
         print(terminal_summary(summary, meta, out_dir))
     return {**meta, **summary}
+
+
+def _texts(rows) -> list[dict]:
+    """Each row without its pages, for ordering rows by prompt length without decoding a page."""
+    return rows.remove_columns([name for name in ("image",) if name in rows.column_names]).to_list()
+
+
+def generation_options(training_args, eval_args, features=None) -> dict:
+    """generate's options as the recipe sets them: its DataLoader workers, length sorting and feature cache."""
+    return {
+        "workers": training_args.dataloader_num_workers,
+        "sort_by_length": eval_args.eval_sort_by_length,
+        "features": features,
+    }
 
 
 def load_trained(model_args, training_args, base_path: str, run_dir: Path):
@@ -167,8 +194,11 @@ def run_eval(argv: list[str] | None = None) -> dict:
     if PartialState().is_main_process:
         prepared.data_report.write(out_dir)
     # process-wide settings, such as the attention kernel: generation meets a new length at every token
-    speedups.apply(speedups.BEFORE_LOADING, speedups.SwitchContext(training_args, prepared.family))
+    switches = speedups.apply(speedups.BEFORE_LOADING, speedups.SwitchContext(training_args, prepared.family))
     model = load_trained(model_args, training_args, prepared.path, adapter)
+    # the switches that make the model answer as it was trained, and serve pages as training did (the cache)
+    switches.model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    speedups.apply_for_evaluation(switches)
     return evaluate_model(
         model,
         prepared.processor,
@@ -181,4 +211,5 @@ def run_eval(argv: list[str] | None = None) -> dict:
         compare_base=eval_args.eval_compare_base,
         train_rows=prepared.train_rows,
         page_base=prepared.page_base(),
+        **generation_options(training_args, eval_args, switches.cache),
     )

@@ -37,6 +37,8 @@ class Family:
     # `docvlm plan`'s memory and step-time model, calibrated with `make bench` (docvlm.families.idefics2.memory is
     # one); None: plan predicts neither
     memory_model = None
+    # a published DocVQA fine-tune of the family, that `docvlm plan` and `make bench` put their projection beside
+    published_docvqa_run: str | None = None
 
     def __init__(self, name: str | None = None, model_types: tuple[str, ...] | None = None, **capabilities):
         """A family of another name or with other capabilities (an unknown model type; tests)."""

@@ -52,8 +52,8 @@ class SizedMemoryModel:
         layer = (
             calibrated["values_a_token_a_layer_per_width"] * d + calibrated["values_a_token_a_layer_per_mlp"] * inner
         )
-        if args.gradient_checkpointing:
-            decoder = BF16 * tokens * (d * layers + layer)
+        if args.gradient_checkpointing:  # each layer's input, one layer recomputed, and the layers kept whole
+            decoder = BF16 * tokens * (d * layers + layer * (1 + terms.kept_decoder_layers))
         else:
             decoder = BF16 * tokens * layer * layers
         logit_rows = terms.p95_tokens if args.loss_logits != "answer" else terms.p95_answer_tokens

@@ -126,6 +126,7 @@ HELP_SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "eval_after_training",
             "eval_compare_base",
             "eval_max_new_tokens",
+            "eval_sort_by_length",
             "eval_anls_samples",
             "adapter",
             "eval_output_dir",

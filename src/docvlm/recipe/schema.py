@@ -232,11 +232,15 @@ class EvalArguments:
         default=True, metadata={"help": "Also answer with the adapter disabled, to report before vs after."}
     )
     eval_max_new_tokens: int = field(default=32, metadata={"help": "Longest answer generated, in tokens."})
+    eval_sort_by_length: bool = field(
+        default=True,
+        metadata={"help": "Batch questions of similar length together. Same answers."},
+    )
     eval_anls_samples: int = field(
         default=64,
         metadata={
-            "help": "Held-out questions answered at each evaluation of eval_strategy: their ANLS is "
-            "logged as eval_anls (metric_for_best_model: anls keeps the best adapter). 0: the loss only."
+            "help": "Held-out questions answered at each evaluation, their ANLS logged as eval_anls "
+            "(metric_for_best_model: anls keeps the best adapter); 0: the loss only."
         },
     )
     adapter: str | None = field(
@@ -245,7 +249,7 @@ class EvalArguments:
     )
     eval_output_dir: str | None = field(
         default=None,
-        metadata={"help": "docvlm eval: the folder for its report (unset: <adapter>/eval), never the adapter's."},
+        metadata={"help": "docvlm eval: the folder for its report (unset: <adapter>/eval)."},
     )
 
 

@@ -22,6 +22,7 @@ from docvlm.speedups import (
     feature_cache,
     frozen_tower,
     fused_norms,
+    kept_layers,
     lean_lora,
     tower_offload,
 )
@@ -38,6 +39,7 @@ SWITCHES: tuple[Switch, ...] = (
     frozen_tower.IN_CHUNKS,
     fused_norms.SWITCH,
     compile_layers.SWITCH,
+    kept_layers.SWITCH,
     lean_lora.SWITCH,
     tower_offload.SWITCH,
 )
@@ -65,6 +67,7 @@ __all__ = [
     "PlanTerms",
     "SwitchContext",
     "apply",
+    "apply_for_evaluation",
     "check",
     "fields",
     "plan_terms",
@@ -146,6 +149,18 @@ def apply(stage: str, run: SwitchContext) -> SwitchContext:
         step = switch.apply.get(stage)
         offered = not switch.family_hook or getattr(run.family, switch.family_hook, None)
         if step and switch.is_on(run.args) and not (offered and step(run)):
+            what = f"this {run.family.name} model" if run.family else "the model"
+            raise UserError(f"{_stated(switch, run.args)}, but {what} has no {switch.lacks}.")
+    return run
+
+
+def apply_for_evaluation(run: SwitchContext) -> SwitchContext:
+    """Apply, to a model loaded for evaluation alone, the LOADED steps of the switches that are on and serve
+    evaluation too (Switch.in_evaluation), with apply's refusals."""
+    for switch in SWITCHES:
+        step = switch.apply.get(LOADED)
+        offered = not switch.family_hook or getattr(run.family, switch.family_hook, None)
+        if step and switch.in_evaluation and switch.is_on(run.args) and not (offered and step(run)):
             what = f"this {run.family.name} model" if run.family else "the model"
             raise UserError(f"{_stated(switch, run.args)}, but {what} has no {switch.lacks}.")
     return run

@@ -60,6 +60,7 @@ class PlanTerms:
     connector_pages: int = 0  # pages whose connector activations are alive at once (default: all)
     perceiver_pages: int = 0  # pages the perceiver runs at once (default: connector_pages)
     connector_recomputed: bool = False  # recomputed in the backward pass, after the decoder's activations are freed
+    kept_decoder_layers: int = 0  # checkpointed decoder layers that keep their activations
     perceiver_own_chunks: str | None = None  # the setting that recomputes the perceiver in chunks of its own
     connector_share: float = 1.0  # of the connector's calibrated activations (half-precision features keep less)
     feature_value_bytes: int = 4  # a tower feature as the connector takes it (2 where it rounds them to half)
@@ -87,7 +88,9 @@ class Switch:
     `lacks`: what a model that the switch cannot be applied to has none of, as the refusal says it.
     `memory_advice`: how it makes a run fit, as `docvlm plan` says it to a run that will not. `after`: the switches
     whose patches it wraps or reads, which must be applied first.
-    `plan(terms)`: its term in `docvlm plan`'s memory model (PlanTerms)."""
+    `plan(terms)`: its term in `docvlm plan`'s memory model (PlanTerms). `in_evaluation`: its LOADED step is also
+    applied to a model loaded for evaluation alone (`docvlm eval`), so that it answers as the trained model did and
+    its pages are served as training's were."""
 
     settings: tuple[Setting, ...]
     is_on: Callable[[Any], bool]
@@ -103,6 +106,7 @@ class Switch:
     lacks: str = "module it applies to"
     after: tuple[str, ...] = ()  # switches it must be applied after, where both are on (docvlm.speedups checks)
     memory_advice: str | None = None  # what `docvlm plan` advises of it when a run will not fit
+    in_evaluation: bool = False
 
     @property
     def name(self) -> str:

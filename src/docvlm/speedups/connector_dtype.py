@@ -42,5 +42,6 @@ SWITCH = Switch(
     family_hook="half_precision_connector_input",
     after=("connector_checkpointing",),  # the features rounded once, outside the recomputed chunks
     apply={LOADED: _apply},
+    in_evaluation=True,
     plan=_plan,
 )

@@ -48,7 +48,8 @@ SWITCH = Switch(
             bool,
             False,
             "Recompute the vision-language connector in the backward pass, a few pages at a time, so that a larger "
-            "batch fits. Same math. A family without a perceiver connector refuses it.",
+            "batch fits; generation runs it in the same chunks. Same math. A family without a perceiver connector "
+            "refuses it.",
         ),
         Setting(
             "connector_checkpoint_pages",
@@ -72,5 +73,6 @@ SWITCH = Switch(
     family_hook="checkpoint_connector",
     check=_check,
     apply={LOADED: _apply},
+    in_evaluation=True,
     plan=_plan,
 )

@@ -249,6 +249,7 @@ SWITCH = Switch(
     requires=("vision_tower_no_grad", "the cache replaces the frozen tower's gradient-free forward"),
     turned_off_in={ZERO3: SPLIT_TOWER, FSDP: SPLIT_TOWER},
     apply={LOADED: _make_cache, WITH_TRAINER: attach},
+    in_evaluation=True,
     plan=_plan,
     after=("connector_in_compute_dtype",),  # keeps features in the dtype that switch rounds them to
 )

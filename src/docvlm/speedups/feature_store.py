@@ -143,14 +143,14 @@ class FeatureCache:
         if mode not in ("memory", "disk"):
             raise ValueError(f"A feature cache is kept in memory or on disk, not {mode!r}.")
         self.mode, self.identity, self.max_bytes = mode, identity, max_bytes
-        self.stored_dtype = stored_dtype
-        self.full_disk_advice = full_disk_advice
+        self.stored_dtype, self.full_disk_advice = stored_dtype, full_disk_advice
         self.memory: dict[str, torch.Tensor] = {}
         self.folder = Path(folder) / identity[:16] if mode == "disk" else None
         self.hits = self.misses = self.not_stored = self.held = 0  # held: found stored while filling
         # fill_feature_cache: the tower's pages it computed, and the rows (document pages) it went through; they
         # differ where a page is cut into crops (do_image_splitting: 5 tower pages a row) or asked twice
         self.filling, self.fill_seconds, self.fill_pages, self.fill_rows = False, None, 0, 0
+        self.serving = False  # generation (docvlm.evaluation.generation) reads and stores pages through it
         self.fill_startup_seconds = None  # of fill_seconds: until the first batch was ready (workers starting)
         # of fill_seconds after the start-up: waiting for decoded pages, and for the last entries to reach the disk
         self.fill_page_wait_seconds = self.fill_disk_wait_seconds = 0.0

@@ -76,14 +76,14 @@ def frozen_vision_without_grad(model, pages_per_chunk: int = 0, cache=None) -> b
 
     def forward(*args, **kwargs):
         frozen = not any(p.requires_grad for p in tower.parameters())
-        if cache is not None and (torch.is_grad_enabled() or cache.filling):
-            if not frozen:
+        if cache is not None and (torch.is_grad_enabled() or cache.filling or cache.serving):
+            if not frozen and not cache.serving:  # generation trains nothing: its weights are the key's
                 raise UserError(TRAINED_TOWER.format(setting="the feature cache is on"))
             if not args and not keeps_all_outputs(kwargs):
                 use = store_features if cache.filling else cached_features
                 with torch.no_grad():
                     return use(in_chunks, cache, patch_size=patch_size, **kwargs)
-        if torch.is_grad_enabled() and frozen:
+        if frozen or not torch.is_grad_enabled():  # generation's pages too: a few at a time
             with torch.no_grad():
                 if args:  # positional calls are passed through whole
                     return original(*args, **kwargs)
@@ -131,6 +131,7 @@ SWITCH = Switch(
     family_hook="frozen_tower",
     after=("vision_feature_cache",),  # its forward reads the cache, made first
     apply={LOADED: lambda run: frozen_vision_without_grad(run.model, run.args.vision_tower_pages, run.cache)},
+    in_evaluation=True,
 )
 # A few pages at a time: a setting of the frozen tower's forward, offered only where the tower takes its pages by
 # keyword (a positional call is run whole).

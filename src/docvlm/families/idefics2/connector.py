@@ -168,7 +168,8 @@ def checkpoint_connector(model, pages_per_chunk: int = 1, perceiver_pages: int |
     The connector (modality projection + perceiver resampler) carries LoRA and runs on every patch of a page, so it
     keeps the largest activations of a step, and HF's gradient checkpointing does not cover it. Checkpointed, it
     keeps only its input and recomputes one chunk at a time: larger chunks mean fewer, larger kernels and more
-    memory at the recompute. The math is unchanged: pages never interact in the connector.
+    memory at the recompute. The math is unchanged: pages never interact in the connector. Without grad
+    (generation) it runs in the same chunks, which bounds its memory at evaluation's larger batches.
 
     `perceiver_pages` (more than `pages_per_chunk`): the projection is recomputed `pages_per_chunk` pages at a time,
     and the perceiver runs `perceiver_pages` at a time with each of its layers recomputed by itself, just before its
@@ -201,9 +202,14 @@ def checkpoint_connector(model, pages_per_chunk: int = 1, perceiver_pages: int |
             layer.forward = _recomputed_by_itself(layer.forward, training)
 
     def forward(image_hidden_states, attention_mask=None):
+        pages = image_hidden_states.shape[0]
+        if not torch.is_grad_enabled():  # generation: the same chunks bound its memory, nothing is kept
+            projected = chunked(
+                connector.modality_projection, pages, pages_per_chunk, image_hidden_states, recompute=False
+            )
+            return chunked(perceive, pages, perceiver_pages, projected, attention_mask, recompute=False)
         if not training():
             return original(image_hidden_states, attention_mask)
-        pages = image_hidden_states.shape[0]
         if perceiver_pages == pages_per_chunk:
             return chunked(original, pages, pages_per_chunk, image_hidden_states, attention_mask)
         projected = chunked(connector.modality_projection, pages, pages_per_chunk, image_hidden_states)

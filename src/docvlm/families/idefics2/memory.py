@@ -60,6 +60,10 @@ def size_ratios(config, fitted_on: dict) -> dict[str, float]:
     }
 
 
+def layers_of(config) -> int:
+    return config.text_config.num_hidden_layers
+
+
 class MemoryModel:
     """`docvlm plan`'s model of an Idefics2 QLoRA micro-batch (docvlm.families.base.Family.memory_model): what the
     activations add at their peak to the weights and optimizer state (the connector's for its largest chunk of pages,
@@ -80,11 +84,15 @@ class MemoryModel:
         connector += perceiver * (terms.perceiver_pages - terms.connector_pages) * patches
         connector *= terms.connector_share
         tokens = terms.batch * terms.p95_tokens
+        unchecked_a_layer = (
+            calibrated["unchecked_decoder_bytes_per_token"] * size["decoder"] * tokens / layers_of(config)
+        )
         if args.gradient_checkpointing:
             decoder = calibrated["decoder_bytes_per_token"] * size["checkpointed_decoder"] * tokens
+            decoder += unchecked_a_layer * terms.kept_decoder_layers  # the layers that keep their activations
             activations = connector + decoder
         else:
-            decoder = calibrated["unchecked_decoder_bytes_per_token"] * size["decoder"] * tokens
+            decoder = unchecked_a_layer * layers_of(config)
             # a recomputed connector peaks after the decoder's backward pass has freed the decoder's activations
             activations = max(connector, decoder) if terms.connector_recomputed else connector + decoder
         activations += calibrated["step_workspace_bytes"] * size["workspace"]
