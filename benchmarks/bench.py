@@ -202,7 +202,7 @@ def step_timer(warmup: int, steps: int, profile: bool = False, memory_profile: b
             patch = config.vision_config.patch_size
 
             def record(module, args, kwargs):
-                if module.training and "attention_mask" in kwargs:
+                if module.training and ("attention_mask" in kwargs or "position_ids" in kwargs):  # packed rows
                     self.shapes_in_step.append(batch_shapes(kwargs, patch))
 
             model.register_forward_pre_hook(record, with_kwargs=True)

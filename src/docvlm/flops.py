@@ -40,10 +40,15 @@ def card_of(device_name: str) -> Card | None:
 def batch_shapes(inputs: dict, patch_size: int) -> torch.Tensor:
     """The real sizes a model call computes on, as one tensor on the batch's device (read later, so that counting
     never waits for the GPU): text tokens, causal attention pairs, pages, image patches and patch attention pairs.
-    Padding tokens and the padded part of a page are not counted. Pages come as a pixel mask (padded pages), as
-    a grid of patches each (`image_grid_thw`) or as fixed-size images."""
-    mask = inputs["attention_mask"]
-    lengths = mask.sum(dim=1).double()
+    Padding tokens and the padded part of a page are not counted; packed rows (no attention mask) are told apart by
+    their positions. Pages come as a pixel mask (padded pages), as a grid of patches each (`image_grid_thw`) or as
+    fixed-size images."""
+    mask = inputs.get("attention_mask")
+    if mask is not None:
+        lengths = mask.sum(dim=1).double()
+    else:  # rows packed into one sequence without padding: each starts again at position 0
+        starts = (inputs["position_ids"].flatten() == 0).long()
+        lengths = torch.bincount(starts.cumsum(0) - 1).double()
     sizes = [lengths.sum(), (lengths * (lengths + 1) / 2).sum()]
     pixel_mask, grid, pixels = (
         inputs.get("pixel_attention_mask"),

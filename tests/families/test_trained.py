@@ -272,7 +272,7 @@ def test_every_switch_keeps_loss_and_gradients_or_is_refused(name):
     plain = loss_and_grads(model, batch)
     on = {"vision_tower_no_grad": "true", "vision_tower_pages": "2", "connector_checkpointing": "true"}
     on.update(connector_lean_activations="true", vision_feature_cache="memory", compile_text_layers="true")
-    on.update(fused_rms_norms="true", connector_in_compute_dtype="true")
+    on.update(fused_rms_norms="true", connector_in_compute_dtype="true", packed_rows="true")
     reaching_in = [switch for switch in speedups.SWITCHES if switch.family_hook]
     assert sorted(switch.name for switch in reaching_in) == sorted(on)  # every such switch is tried here
     for switch in reaching_in:

@@ -24,11 +24,12 @@ class Family:
     processor_options: frozenset[str] = frozenset()
     smaller_pages: str | None = None
     # Capabilities the speed switches ask for (docvlm.speedups): a tower docvlm can run without grad, one called with
-    # keywords (so a few pages at a time), one whose features the cache can serve, and the family's own patches
-    # (functions of the model).
+    # keywords (so a few pages at a time), one whose features the cache can serve, a batch whose rows can be packed
+    # into one sequence (its pages a list, its positions plain), and the family's own patches (functions of the model).
     frozen_tower = False
     tower_in_chunks = False
     feature_cache = False
+    packs_rows = False
     checkpoint_connector = None
     lean_connector = None
     half_precision_connector_input = None

@@ -182,7 +182,7 @@ HELP_OVERRIDES = {
     "warmup_steps": "Linear warmup steps (a float below 1: that fraction of all steps).",
     "max_length": "Longest sample in tokens (image tokens included). A longer sample is an error: image tokens "
     "cannot be truncated.",
-    "gradient_checkpointing": "Recompute the decoder's activations in the backward pass: less memory, slower steps.",
+    "gradient_checkpointing": "Recompute the decoder's activations in backward: less memory.",
     "weight_decay": "Weight decay of the optimizer (biases and norm weights excluded).",
     "dataloader_num_workers": "Processes that load and decode the pages (0: the training process does it).",
     "logging_steps": "Log every N steps (a float below 1: that fraction of all steps).",

@@ -24,6 +24,7 @@ from docvlm.speedups import (
     fused_norms,
     kept_layers,
     lean_lora,
+    row_packing,
     tower_offload,
 )
 from docvlm.speedups.base import BEFORE_LOADING, LOADED, WITH_TRAINER, PlanTerms, Switch, SwitchContext
@@ -34,6 +35,7 @@ SWITCHES: tuple[Switch, ...] = (
     connector_lean.SWITCH,
     connector_recompute.SWITCH,
     connector_dtype.SWITCH,
+    row_packing.SWITCH,
     feature_cache.SWITCH,
     frozen_tower.SWITCH,
     frozen_tower.IN_CHUNKS,

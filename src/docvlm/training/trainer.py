@@ -162,6 +162,9 @@ class DocVLMTrainer(SFTTrainer):
         correct = self.accelerator.gather_for_metrics(correct).sum()
         metrics[mode]["entropy"].append((entropy_sum / count).item() if count > 0 else 0.0)
         metrics[mode]["mean_token_accuracy"].append((correct / count).item() if count > 0 else 0.0)
-        if mode == "train" and hasattr(self, "_total_train_tokens") and "attention_mask" in inputs:
-            self._total_train_tokens += self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+        if mode == "train" and hasattr(self, "_total_train_tokens"):
+            # real tokens: the attention mask's, or every position of rows packed without padding
+            mask = inputs.get("attention_mask", inputs.get("position_ids"))
+            real = mask.sum() if "attention_mask" in inputs else torch.tensor(mask.numel(), device=mask.device)
+            self._total_train_tokens += self.accelerator.gather_for_metrics(real).sum().item()
             metrics[mode]["num_tokens"] = [self._total_train_tokens]

@@ -46,6 +46,7 @@ class Idefics2(Family):
     frozen_tower = True
     tower_in_chunks = True
     feature_cache = True
+    packs_rows = True
     checkpoint_connector = staticmethod(connector.checkpoint_connector)
     lean_connector = staticmethod(connector.lean_connector_activations)
     half_precision_connector_input = staticmethod(connector.half_precision_connector_input)
