@@ -94,3 +94,41 @@ def test_another_architectures_bench_without_a_gpu_says_what_to_do(capsys, monke
     assert "baseline-masked' is the Idefics2 notebook's" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # an architecture it does not have is refused by the parser
         bench.main(["--model", "qwen9-vl"])
+
+
+# Peak reserved GiB of each family recipe on its real architecture, `make bench FAMILIES=1` on one H100 (run BH,
+# docs/benchmarks.md): 16 pages of 1700 x 2200, batch and pages as the recipes ship them.
+MEASURED_PEAK_RESERVED_GIB = {
+    "granite-docling-258m": 3.03,
+    "qwen2-vl-2b": 4.31,
+    "smolvlm-2b": 4.77,
+    "paligemma-3b-448": 4.58,
+    "gemma3-4b": 4.84,
+    "qwen3-vl-4b": 5.91,
+    "llava-1.5-7b": 6.41,
+    "qwen2.5-vl-7b": 9.02,
+}
+
+
+@pytest.fixture(scope="module")
+def bench_pages(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pages")
+    bench.build_pages(folder, 8, (1700, 2200))
+    return str(folder)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", sorted(MEASURED_PEAK_RESERVED_GIB))
+def test_plan_predicts_each_family_recipes_measured_peak_within_15_percent(name, bench_pages, tmp_path, capsys):
+    import re
+
+    from docvlm import plan
+
+    arch = architectures.ARCHITECTURES[name]
+    architectures.real_config(arch).save_pretrained(tmp_path)
+    architectures.real_processor(arch).save_pretrained(tmp_path)
+    argv = ["--config", f"recipes/{arch.recipe}.yaml", "--model_name_or_path", str(tmp_path)]
+    assert plan.main([*argv, "--dataset_name", bench_pages, "--sample", "4", "--group_column", "null"]) == 0
+    predicted = float(re.search(r"peak reserved ~([\d.]+) GiB", capsys.readouterr().out).group(1))
+    measured = MEASURED_PEAK_RESERVED_GIB[name]
+    assert abs(predicted - measured) / measured < 0.15, (predicted, measured)

@@ -56,8 +56,9 @@ class SizedMemoryModel:
             decoder = BF16 * tokens * (d * layers + layer * (1 + terms.kept_decoder_layers))
         else:
             decoder = BF16 * tokens * layer * layers
-        logit_rows = terms.p95_tokens if args.loss_logits != "answer" else terms.p95_answer_tokens
-        logits = calibrated["logit_bytes_per_vocab_entry"] * terms.batch * logit_rows * text.vocab_size
+        # the answer positions' logits only: docvlm's answer-span loss, and on CUDA TRL's compacting loss (measured:
+        # logits over every position would exceed these families' whole measured peaks)
+        logits = calibrated["logit_bytes_per_vocab_entry"] * terms.batch * terms.p95_answer_tokens * text.vocab_size
         patches = terms.pages * terms.largest_page_patches
         tower = 0.0
         if terms.tower_runs:
@@ -66,7 +67,7 @@ class SizedMemoryModel:
         frames = getattr(vision, "temporal_patch_size", 1)
         pixels = patches * 3 * frames * vision.patch_size**2 * (4 + BF16)  # fp32 pixels and their bf16 copy
         workspace = 2 * BF16 * d * inner  # a dequantized 4-bit weight and its transposed use in the backward pass
-        activations = decoder + logits + tower + pixels + workspace
+        activations = calibrated["activations_over_counted"] * (decoder + logits + tower + pixels + workspace)
         return activations, calibrated["reserved_over_activations"] * activations
 
     def step_seconds(self, config, terms, peak_tflops: float) -> float:
