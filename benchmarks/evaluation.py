@@ -23,23 +23,28 @@ from pathlib import Path
 
 from benchmarks import bench
 
+# no feature cache (and so no tower waiting in CPU memory for it, which needs the cache)
+WITHOUT_CACHE = ("--vision_feature_cache", "off", "--vision_tower_offload", "false")
 # docvlm eval as it ran before its speed-ups: what each override turns back
-BEFORE_SPEEDUPS = (
-    "--per_device_eval_batch_size 8 --dataloader_num_workers 0 --eval_sort_by_length false --vision_feature_cache off"
+BEFORE_SPEEDUPS = " ".join(
+    ("--per_device_eval_batch_size 8 --dataloader_num_workers 0 --eval_sort_by_length false", *WITHOUT_CACHE)
 )
+
+
+def adapter_training_argv(recipe: str, model_dir: str, data_dir: str, out: Path) -> list[str]:
+    """The arguments of one optimizer step of the recipe, saving an adapter folder as `docvlm eval` reads it."""
+    return [
+        *("--config", f"recipes/{recipe}.yaml", "--model_name_or_path", model_dir, "--dataset_name", data_dir),
+        *("--output_dir", str(out), "--max_steps", "1", "--eval_after_training", "false", "--save_strategy", "no"),
+        *("--report_to", "none", "--group_column", "null", "--dataset_test_split", "train", *WITHOUT_CACHE),
+    ]
 
 
 def train_adapter(recipe: str, model_dir: str, data_dir: str, out: Path) -> None:
     """One optimizer step of the recipe: an adapter folder (adapter, processor, recipe.yaml) as `docvlm eval` reads."""
     from docvlm import train
 
-    argv = [
-        *("--config", f"recipes/{recipe}.yaml", "--model_name_or_path", model_dir, "--dataset_name", data_dir),
-        *("--output_dir", str(out), "--max_steps", "1", "--eval_after_training", "false", "--save_strategy", "no"),
-        *("--report_to", "none", "--vision_feature_cache", "off", "--group_column", "null"),
-        *("--dataset_test_split", "train"),
-    ]
-    train.run(argv)
+    train.run(adapter_training_argv(recipe, model_dir, data_dir, out))
 
 
 def notebook_loop(adapter: Path, data_dir: str, questions: int, max_new_tokens: int) -> dict:

@@ -54,3 +54,18 @@ def test_the_8b_evaluation_bench_without_a_gpu_says_what_to_do(capsys, monkeypat
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert evaluation.main(["--model", "8b"]) == 2
     assert "python -m benchmarks.evaluation --model tiny" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recipe", ["docvqa_qlora", "docvqa_qlora_fast", "docvqa_qlora_lowmem", "docvqa_qlora_hires"])
+def test_every_8b_recipes_adapter_step_and_before_setup_are_accepted(recipe, tmp_path):
+    """The bench's own overrides must pass each recipe's checks (a recipe whose tower waits in CPU memory needs the
+    cache the 'before' setup turns off), so that a GPU call never stops on them."""
+    import shlex
+
+    from docvlm.recipe.parse import parse_recipe
+
+    train_argv = evaluation.adapter_training_argv(recipe, "some-model", "some-pages", tmp_path)
+    _, _, training_args, _ = parse_recipe(train_argv)
+    assert training_args.max_steps == 1 and training_args.vision_feature_cache == "off"
+    before = parse_recipe(["--config", f"recipes/{recipe}.yaml", *shlex.split(evaluation.BEFORE_SPEEDUPS)])
+    assert before[2].per_device_eval_batch_size == 8 and not before[3].eval_sort_by_length
